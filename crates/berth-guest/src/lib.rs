@@ -6,4 +6,5 @@ pub mod proto {
     tonic::include_proto!("berth.guest.v1");
 }
 
+pub mod agent;
 pub mod client;

@@ -1,1 +1,3 @@
-//! berth-sandbox
+//! Sandbox drivers and workspace volumes.
+
+pub mod helper;
