@@ -1,0 +1,87 @@
+use super::*;
+
+fn session(id: &str) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        runtime: "default".into(),
+        state: "stopped".into(),
+        uid_slot: 0,
+        stop_reason: None,
+        cpu_ns: 0,
+        peak_memory_bytes: 0,
+        workspace_bytes: 0,
+        created_at_ms: 1,
+        last_activity_ms: 1,
+        started_at_ms: None,
+    }
+}
+
+#[tokio::test]
+async fn runtimes_and_sessions_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    store
+        .insert_runtime(&RuntimeSpec::named("default"), 5)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .insert_runtime(&RuntimeSpec::named("default"), 5)
+            .await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(
+        store
+            .get_runtime("default")
+            .await
+            .unwrap()
+            .unwrap()
+            .spec
+            .name,
+        "default"
+    );
+
+    let mut a = session("a");
+    let mut b = session("b");
+    let mut c = session("c");
+    store.insert_session(&mut a).await.unwrap();
+    store.insert_session(&mut b).await.unwrap();
+    assert_eq!((a.uid_slot, b.uid_slot), (0, 1));
+    store.delete_session("a").await.unwrap();
+    store.insert_session(&mut c).await.unwrap();
+    assert_eq!(c.uid_slot, 0, "freed slot is reused");
+    let mut d = session("d");
+    store.insert_session(&mut d).await.unwrap();
+    assert_eq!(d.uid_slot, 2);
+
+    b.state = "running".into();
+    b.cpu_ns = 42;
+    store.update_session(&b).await.unwrap();
+    assert_eq!(store.get_session("b").await.unwrap().unwrap(), b);
+    assert_eq!(store.sessions_using_runtime("default").await.unwrap(), 3);
+    assert!(matches!(
+        store.insert_session(&mut session("b")).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+}
+
+#[tokio::test]
+async fn records_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let store = Store::open(&path).await.unwrap();
+        store
+            .insert_runtime(&RuntimeSpec::named("default"), 5)
+            .await
+            .unwrap();
+        store.insert_session(&mut session("keep")).await.unwrap();
+        store.insert_token("t1", "abc", "admin", 1).await.unwrap();
+    }
+    let store = Store::open(&path).await.unwrap();
+    assert!(store.get_session("keep").await.unwrap().is_some());
+    assert_eq!(
+        store.token_role("abc").await.unwrap().as_deref(),
+        Some("admin")
+    );
+}
