@@ -1,5 +1,47 @@
 //! Berth's core: runtimes, sessions, the lifecycle state machine, metering and retention.
+//!
+//! Knows nothing about HTTP (the server converts) or Linux (the [`Driver`] does that).
 
+mod commands;
 pub mod driver;
+mod error;
+mod files;
+mod lifecycle;
+mod runtimes;
+mod sessions;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use commands::CommandStream;
 pub use driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
+pub use error::CoreError;
+pub use files::{FileInfo, ReadStream};
+pub use sessions::Core;
+
+/// Server-wide knobs the core needs.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Most sandboxes running at once; more → `ResourceExhausted`.
+    pub max_sandboxes: usize,
+    /// Stopped sessions inactive this long lose their workspace and record.
+    pub retention: Duration,
+    /// How often idle/lifetime/liveness checks run.
+    pub tick: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            max_sandboxes: 64,
+            retention: Duration::from_secs(14 * 24 * 3600),
+            tick: Duration::from_millis(500),
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

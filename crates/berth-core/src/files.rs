@@ -1,0 +1,162 @@
+//! Files: byte streams between the client and the guest, confined to the sandbox's view
+//! (the guest resolves paths inside the sandbox's own root).
+
+use std::pin::Pin;
+
+use berth_api::validate;
+use berth_guest::proto::{
+    write_file_input, PathRequest, ReadFileRequest, WriteFileInput, WriteTarget,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use crate::sessions::BusyGuard;
+use crate::{Core, CoreError};
+
+/// File bytes (or a tar archive) coming out of a sandbox.
+pub type ReadStream = Pin<Box<dyn Stream<Item = Result<Bytes, CoreError>> + Send>>;
+
+/// One directory entry or stat result.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileInfo {
+    pub name: String,
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub modified_ms: i64,
+}
+
+impl From<berth_guest::proto::FileInfo> for FileInfo {
+    fn from(f: berth_guest::proto::FileInfo) -> Self {
+        Self {
+            name: f.name,
+            kind: f.kind,
+            size: f.size,
+            mode: f.mode,
+            modified_ms: f.modified_ms,
+        }
+    }
+}
+
+impl Core {
+    /// Stream a file, or a tar of a file or directory, out of the session's sandbox.
+    pub async fn read_file(
+        &self,
+        session_id: &str,
+        path: &str,
+        tar: bool,
+    ) -> Result<ReadStream, CoreError> {
+        validate::id("session_id", session_id)?;
+        validate::sandbox_path("path", path)?;
+        self.record(session_id).await?;
+        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
+        let busy = BusyGuard::new(slot);
+        let mut guest = sandbox.guest.clone();
+        let session = session_id.to_string();
+        let mut chunks = guest
+            .read_file(ReadFileRequest {
+                path: path.to_string(),
+                tar,
+            })
+            .await
+            .map_err(|s| CoreError::guest(session_id, s))?
+            .into_inner();
+        // Fetch the first chunk now so that "not found" becomes a proper error response
+        // instead of a broken stream.
+        let first = chunks
+            .message()
+            .await
+            .map_err(|s| CoreError::guest(session_id, s))?;
+        let head = futures::stream::iter(first.map(|c| Ok(Bytes::from(c.data))));
+        let rest = futures::stream::unfold(
+            (chunks, busy, session),
+            |(mut chunks, busy, session)| async move {
+                match chunks.message().await {
+                    Ok(Some(c)) => Some((Ok(Bytes::from(c.data)), (chunks, busy, session))),
+                    Ok(None) => None,
+                    Err(s) => Some((Err(CoreError::guest(&session, s)), (chunks, busy, session))),
+                }
+            },
+        );
+        Ok(Box::pin(head.chain(rest)))
+    }
+
+    /// Write a file (or unpack a tar into a directory) in the session's sandbox,
+    /// creating the session on first use. Returns the number of bytes written.
+    pub async fn write_file<S>(
+        &self,
+        session_id: &str,
+        path: &str,
+        tar: bool,
+        mode: u32,
+        body: S,
+    ) -> Result<u64, CoreError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        validate::sandbox_path("path", path)?;
+        self.record_or_create(session_id, None).await?;
+        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
+        let _busy = BusyGuard::new(slot);
+        let target = WriteFileInput {
+            kind: Some(write_file_input::Kind::Target(WriteTarget {
+                path: path.to_string(),
+                tar,
+                mode,
+            })),
+        };
+        // A body read error ends the upload stream early; the guest then sees a
+        // cancelled call and discards the partial file.
+        let data = body
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| async move {
+                r.ok().map(|b| WriteFileInput {
+                    kind: Some(write_file_input::Kind::Data(b)),
+                })
+            });
+        let input = futures::stream::iter([target]).chain(data);
+        let mut guest = sandbox.guest.clone();
+        let resp = guest
+            .write_file(input)
+            .await
+            .map_err(|s| CoreError::guest(session_id, s))?;
+        Ok(resp.into_inner().bytes)
+    }
+
+    pub async fn stat_file(&self, session_id: &str, path: &str) -> Result<FileInfo, CoreError> {
+        validate::id("session_id", session_id)?;
+        validate::sandbox_path("path", path)?;
+        self.record(session_id).await?;
+        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
+        let _busy = BusyGuard::new(slot);
+        let mut guest = sandbox.guest.clone();
+        let info = guest
+            .stat(PathRequest {
+                path: path.to_string(),
+            })
+            .await
+            .map_err(|s| CoreError::guest(session_id, s))?;
+        Ok(info.into_inner().into())
+    }
+
+    pub async fn list_dir(&self, session_id: &str, path: &str) -> Result<Vec<FileInfo>, CoreError> {
+        validate::id("session_id", session_id)?;
+        validate::sandbox_path("path", path)?;
+        self.record(session_id).await?;
+        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
+        let _busy = BusyGuard::new(slot);
+        let mut guest = sandbox.guest.clone();
+        let list = guest
+            .list_dir(PathRequest {
+                path: path.to_string(),
+            })
+            .await
+            .map_err(|s| CoreError::guest(session_id, s))?;
+        Ok(list
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+}
