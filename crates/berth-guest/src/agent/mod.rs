@@ -1,0 +1,290 @@
+//! The guest agent process: `berth guest --listen SOCKET`.
+//!
+//! Runs as PID 1 of a sandbox (or as an ordinary process in development and tests) and
+//! serves the guest protocol on a unix socket. See `README.md` at the crate root for the
+//! protocol decisions, exec semantics and the reaper design.
+
+mod exec;
+mod files;
+mod reaper;
+mod sys;
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::proto::guest_server::{Guest, GuestServer};
+use crate::proto::{
+    Empty, ExecInput, FileInfo, HealthResponse, ListDirResponse, PathRequest, ReadFileRequest,
+    WriteFileInput, WriteFileResponse,
+};
+use reaper::Reaper;
+
+/// HTTP/2 receive windows: large enough that stdin and file uploads are not throttled by
+/// round trips, small enough to bound what one stream can make the agent buffer.
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 8 << 20;
+/// How long `Shutdown` waits after replying before the process exits.
+const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
+
+const USAGE: &str = "usage: berth guest --listen <socket path>";
+
+/// `berth guest --listen SOCKET`.
+pub fn cli_main(args: Vec<OsString>) -> anyhow::Result<()> {
+    let listen = parse_args(args)?;
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("berth-guest")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run(&listen));
+    // Blocking file tasks may still be parked on a host that went away; do not wait.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+fn parse_args(args: Vec<OsString>) -> anyhow::Result<PathBuf> {
+    let mut listen = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let arg_str = arg.to_string_lossy();
+        if arg_str == "--listen" {
+            let path = args
+                .next()
+                .with_context(|| format!("--listen needs a value\n{USAGE}"))?;
+            listen = Some(PathBuf::from(path));
+        } else if let Some(path) = arg_str.strip_prefix("--listen=") {
+            listen = Some(PathBuf::from(path));
+        } else if arg_str == "--help" || arg_str == "-h" {
+            anyhow::bail!("{USAGE}");
+        } else {
+            anyhow::bail!("unexpected argument {arg_str:?}\n{USAGE}");
+        }
+    }
+    listen.with_context(|| format!("--listen is required\n{USAGE}"))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .try_init();
+}
+
+/// Prepare the process (network, capabilities, reaping) and serve until `Shutdown` or
+/// SIGTERM.
+pub async fn run(listen: &Path) -> anyhow::Result<()> {
+    let pid = std::process::id();
+    setup_process(pid == 1);
+    let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
+    let listener = bind(listen)?;
+    tracing::info!(pid, socket = %listen.display(), "guest agent listening");
+
+    let agent = Arc::new(Agent {
+        reaper,
+        groups: Mutex::new(HashSet::new()),
+        shutdown: Notify::new(),
+    });
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(
+            GuestServer::new(Service(agent.clone()))
+                .max_decoding_message_size(8 << 20)
+                .max_encoding_message_size(8 << 20),
+        )
+        .serve_with_incoming(UnixListenerStream::new(listener));
+    tokio::select! {
+        res = server => res.context("guest server failed")?,
+        () = agent.shutdown.notified() => tracing::info!("shutting down on request"),
+        _ = sigterm.recv() => {
+            tracing::info!("shutting down on SIGTERM");
+            agent.kill_all().await;
+        }
+    }
+    let _ = std::fs::remove_file(listen);
+    Ok(())
+}
+
+/// Startup duties of PID 1 in a fresh network namespace. None is fatal: in a dev run
+/// (not in a fresh netns, not root) they fail and the agent still serves.
+fn setup_process(is_init: bool) {
+    match sys::interface_up("lo") {
+        Ok(change) => tracing::debug!(?change, "loopback"),
+        Err(err) => tracing::warn!("cannot bring up lo: {err}"),
+    }
+    // Commands must not reconfigure the sandbox network: drop CAP_NET_ADMIN from every
+    // set, bounding set included, so neither we nor anything we exec can regain it.
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Bounding,
+    ] {
+        let held = caps::has_cap(None, set, caps::Capability::CAP_NET_ADMIN).unwrap_or(true);
+        if held {
+            if let Err(err) = caps::drop(None, set, caps::Capability::CAP_NET_ADMIN) {
+                tracing::warn!("cannot drop CAP_NET_ADMIN from the {set:?} set: {err}");
+            }
+        }
+    }
+    if !is_init {
+        // Orphaned grandchildren then come to us instead of the host's init, so the
+        // reaper sees them just as it would as PID 1.
+        if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!("cannot become a child subreaper: {err}");
+        }
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(socket = %path.display(), "removed stale socket"),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot remove stale {}", path.display()))
+        }
+    }
+    // The socket is created with mode 0600: nobody but our own user may connect. The
+    // umask is process-wide; nothing else creates files this early.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    listener.with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+/// Reject relative paths and `..` segments: every path names one place in the sandbox.
+pub(crate) fn check_path(path: &str) -> Result<&Path, Status> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "path {path:?} is not absolute"
+        )));
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(Status::invalid_argument(format!(
+            "path {path:?} contains `..`"
+        )));
+    }
+    Ok(p)
+}
+
+/// State shared by all calls.
+pub(crate) struct Agent {
+    reaper: Arc<Reaper>,
+    /// Process groups of every command started and maybe still alive (daemons included).
+    groups: Mutex<HashSet<i32>>,
+    shutdown: Notify,
+}
+
+impl Agent {
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn track_group(&self, pgid: i32) {
+        self.groups().insert(pgid);
+    }
+
+    /// Forget a group once nothing is left in it (daemons keep it alive).
+    fn untrack_group_if_empty(&self, pgid: i32) {
+        if kill(Pid::from_raw(-pgid), None) == Err(nix::errno::Errno::ESRCH) {
+            self.groups().remove(&pgid);
+        }
+    }
+
+    /// SIGKILL everything we started, then flush the filesystems.
+    async fn kill_all(&self) {
+        let groups: Vec<i32> = self.groups().drain().collect();
+        for pgid in &groups {
+            exec::kill_group(*pgid);
+        }
+        if std::process::id() == 1 {
+            // As PID 1 of a pid namespace this reaches every other process in it (and
+            // never us). Outside that it would hit all of the user's processes.
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        }
+        tracing::info!(groups = groups.len(), "killed all commands");
+        let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+    }
+}
+
+type GuestResult<T> = Result<Response<T>, Status>;
+
+/// The gRPC face of the agent.
+struct Service(Arc<Agent>);
+
+#[tonic::async_trait]
+impl Guest for Service {
+    type ExecStream = exec::OutputStream;
+    type ReadFileStream = files::ChunkStream;
+
+    async fn exec(&self, request: Request<Streaming<ExecInput>>) -> GuestResult<Self::ExecStream> {
+        exec::exec(self.0.clone(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn read_file(
+        &self,
+        request: Request<ReadFileRequest>,
+    ) -> GuestResult<Self::ReadFileStream> {
+        let req = request.into_inner();
+        files::read_file(req.path, req.tar).await.map(Response::new)
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<Streaming<WriteFileInput>>,
+    ) -> GuestResult<WriteFileResponse> {
+        let bytes = files::write_file(request.into_inner()).await?;
+        Ok(Response::new(WriteFileResponse { bytes }))
+    }
+
+    async fn stat(&self, request: Request<PathRequest>) -> GuestResult<FileInfo> {
+        files::stat(request.into_inner().path)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_dir(&self, request: Request<PathRequest>) -> GuestResult<ListDirResponse> {
+        let entries = files::list_dir(request.into_inner().path).await?;
+        Ok(Response::new(ListDirResponse { entries }))
+    }
+
+    async fn health(&self, _: Request<Empty>) -> GuestResult<HealthResponse> {
+        Ok(Response::new(HealthResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+        }))
+    }
+
+    async fn shutdown(&self, _: Request<Empty>) -> GuestResult<Empty> {
+        self.0.kill_all().await;
+        // Let the reply reach the host before the server goes away.
+        let agent = self.0.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_DELAY).await;
+            agent.shutdown.notify_one();
+        });
+        Ok(Response::new(Empty {}))
+    }
+}

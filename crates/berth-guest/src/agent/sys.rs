@@ -1,0 +1,67 @@
+//! The few raw system calls the agent needs that have no safe wrapper: bringing an
+//! interface up (ioctl) and starting a child in a new session (pre_exec).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+
+/// What [`interface_up`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LinkChange {
+    AlreadyUp,
+    BroughtUp,
+}
+
+/// Set IFF_UP on the interface `name` (e.g. `lo`) with SIOCGIFFLAGS/SIOCSIFFLAGS.
+pub(crate) fn interface_up(name: &str) -> io::Result<LinkChange> {
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: `ifreq` is a plain C struct of integers, arrays and a union of plain
+    // data; all-zero bytes are a valid value of it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = name.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `sock` is an open socket and `req` a valid, NUL-terminated `ifreq` that
+    // lives across the call; SIOCGIFFLAGS only writes `ifr_flags` inside it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds `ifru_flags`.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let up = libc::IFF_UP as libc::c_short;
+    if flags & up != 0 {
+        return Ok(LinkChange::AlreadyUp);
+    }
+    req.ifr_ifru.ifru_flags = flags | up | libc::IFF_RUNNING as libc::c_short;
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(LinkChange::BroughtUp)
+}
+
+/// Make the child the leader of a new session (and so of a new process group whose id
+/// is its pid): signals and kills can then address everything it starts at once.
+pub(crate) fn new_session(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+    // which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+}
