@@ -1,0 +1,203 @@
+//! Reading a sandbox's cgroup (stats) and removing it when libcontainer's state is gone.
+//! Supports cgroup v1 (separate or co-mounted controllers) and v2.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use berth_core::driver::SandboxStats;
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// Cgroup files of one sandbox (`cgroup` is the absolute path given to libcontainer).
+#[derive(Debug, Clone)]
+pub struct SandboxCgroup {
+    root: PathBuf,
+    cgroup: String,
+}
+
+impl SandboxCgroup {
+    pub fn new(cgroup: &str) -> Self {
+        Self::with_root(Path::new(ROOT), cgroup)
+    }
+
+    pub fn with_root(root: &Path, cgroup: &str) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            cgroup: cgroup.trim_start_matches('/').to_string(),
+        }
+    }
+
+    fn unified(&self) -> bool {
+        self.root.join("cgroup.controllers").exists()
+    }
+
+    /// Directory of this cgroup in the v1 hierarchy holding `controller` (or in v2).
+    fn dir(&self, controller: &str) -> PathBuf {
+        if self.unified() {
+            return self.root.join(&self.cgroup);
+        }
+        // v1: controllers may be co-mounted (`cpu,cpuacct`); the plain name is either
+        // the mount or a symlink to it.
+        self.root.join(controller).join(&self.cgroup)
+    }
+
+    /// CPU time and peak memory; `None` when the cgroup does not exist.
+    pub fn stats(&self) -> Option<SandboxStats> {
+        if self.unified() {
+            let dir = self.root.join(&self.cgroup);
+            let cpu_stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+            let usage_us = cpu_stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let peak = read_u64(&dir.join("memory.peak"))
+                .or_else(|| read_u64(&dir.join("memory.current")))
+                .unwrap_or(0);
+            return Some(SandboxStats {
+                cpu_ns: usage_us.saturating_mul(1000),
+                memory_peak_bytes: peak,
+            });
+        }
+        let cpu = read_u64(&self.dir("cpuacct").join("cpuacct.usage"));
+        let mem = read_u64(&self.dir("memory").join("memory.max_usage_in_bytes"));
+        if cpu.is_none() && mem.is_none() {
+            return None;
+        }
+        Some(SandboxStats {
+            cpu_ns: cpu.unwrap_or(0),
+            memory_peak_bytes: mem.unwrap_or(0),
+        })
+    }
+
+    /// Every directory this cgroup has (one per v1 hierarchy, or one in v2).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        if self.unified() {
+            let dir = self.root.join(&self.cgroup);
+            return if dir.is_dir() { vec![dir] } else { vec![] };
+        }
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return vec![];
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .flatten()
+            // Skip the `cpu -> cpu,cpuacct` style symlinks: their target is listed too.
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path().join(&self.cgroup))
+            .filter(|d| d.is_dir())
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// Pids of every process in the cgroup (any hierarchy).
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .dirs()
+            .iter()
+            .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// SIGKILL everything in the cgroup and remove its directories (children first).
+    /// Best effort; returns the directories that could not be removed.
+    pub fn kill_and_remove(&self) -> Vec<PathBuf> {
+        for _ in 0..100 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut left = vec![];
+        for dir in self.dirs() {
+            if !remove_tree(&dir) {
+                left.push(dir);
+            }
+        }
+        left
+    }
+}
+
+/// rmdir a cgroup and its children, retrying while the last tasks exit.
+fn remove_tree(dir: &Path) -> bool {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    false
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_stats() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cpu = tmp.path().join("cpuacct/berth/s");
+        let mem = tmp.path().join("memory/berth/s");
+        fs::create_dir_all(&cpu).expect("cpu");
+        fs::create_dir_all(&mem).expect("mem");
+        fs::write(cpu.join("cpuacct.usage"), "12345\n").expect("w");
+        fs::write(mem.join("memory.max_usage_in_bytes"), "4096\n").expect("w");
+        let cg = SandboxCgroup::with_root(tmp.path(), "/berth/s");
+        assert_eq!(
+            cg.stats(),
+            Some(SandboxStats {
+                cpu_ns: 12345,
+                memory_peak_bytes: 4096
+            })
+        );
+        assert_eq!(cg.dirs().len(), 2);
+        assert!(SandboxCgroup::with_root(tmp.path(), "/berth/other")
+            .stats()
+            .is_none());
+    }
+
+    #[test]
+    fn v2_stats() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        fs::write(tmp.path().join("cgroup.controllers"), "cpu memory pids").expect("w");
+        let dir = tmp.path().join("berth/s");
+        fs::create_dir_all(&dir).expect("dir");
+        fs::write(dir.join("cpu.stat"), "usage_usec 7\nuser_usec 5\n").expect("w");
+        fs::write(dir.join("memory.peak"), "8192\n").expect("w");
+        let cg = SandboxCgroup::with_root(tmp.path(), "/berth/s");
+        assert_eq!(
+            cg.stats(),
+            Some(SandboxStats {
+                cpu_ns: 7000,
+                memory_peak_bytes: 8192
+            })
+        );
+    }
+}

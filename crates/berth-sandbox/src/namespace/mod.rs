@@ -1,0 +1,543 @@
+//! The namespace sandbox driver: one youki `libcontainer` container per session.
+//!
+//! The server never calls libcontainer itself: it writes the OCI bundle and a plan under
+//! `run/<session>/` and runs `berth sandbox-helper start|stop` (see [`helper`]). The setup
+//! sequence and the data-dir layout are described in the crate's `README.md`.
+
+pub mod cgroup;
+pub mod helper;
+pub mod init_process;
+pub mod paths;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spec;
+pub mod validate;
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use berth_api::runtime::defaults::IMAGE_HOST;
+use berth_api::RuntimeSpec;
+use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
+use berth_guest::client::Guest;
+
+use self::cgroup::SandboxCgroup;
+use self::helper::StartPlan;
+use self::init_process::InitProcess;
+use self::paths::{check_session_id, DataDir, SessionPaths};
+use self::rootfs::HostLayout;
+use self::spec::{BindMount, SpecInput, GUEST_EXE};
+use crate::volume;
+
+/// How long `start` waits for the guest agent's first `Health` answer.
+const GUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// How long `adopt` gives a guest that should already be up.
+const ADOPT_DEADLINE: Duration = Duration::from_secs(2);
+/// `guest.log` is truncated when it grows past this.
+const GUEST_LOG_MAX: u64 = 1 << 20;
+
+/// Where the driver keeps its state and which uids it hands out.
+#[derive(Debug, Clone)]
+pub struct NamespaceConfig {
+    /// The server's data dir; the driver uses `workspaces/`, `run/` and `images/`.
+    pub data_dir: PathBuf,
+    /// The `berth` binary: run as `sandbox-helper`, and bind-mounted read-only into
+    /// every sandbox as the guest agent.
+    pub berth_exe: PathBuf,
+    /// First host uid/gid handed to sandboxes (default 1 000 000).
+    pub uid_base: u32,
+    /// Ids per session (default 65 536): session root maps to
+    /// `uid_base + uid_slot * uid_range`.
+    pub uid_range: u32,
+}
+
+impl NamespaceConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, berth_exe: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            berth_exe: berth_exe.into(),
+            uid_base: 1_000_000,
+            uid_range: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NewDriverError {
+    #[error("the namespace driver must run as root")]
+    NotRoot,
+    #[error("data dir {0} must be an absolute path without ',' or ':'")]
+    DataDir(PathBuf),
+    #[error("berth executable {0} does not exist")]
+    BerthExe(PathBuf),
+    #[error("uid_range must be at least 65536 and uid_base non-zero")]
+    Uids,
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the host image skeleton")]
+    Skeleton(#[source] rootfs::RootfsError),
+}
+
+/// Failures inside `start`/`stop`, wrapped into [`DriverError`].
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid session id")]
+    SessionId(#[from] paths::SessionIdError),
+    #[error("uid slot {0} is beyond the host's uid space")]
+    UidSlot(u32),
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workspace volume")]
+    Volume(#[from] volume::VolumeError),
+    #[error("cannot run sandbox-helper")]
+    HelperSpawn(#[source] std::io::Error),
+    #[error("sandbox-helper {cmd} failed: {stderr}")]
+    Helper { cmd: &'static str, stderr: String },
+    #[error("the guest agent did not answer within {0:?}; guest log: {1}")]
+    GuestTimeout(Duration, String),
+    #[error("the sandbox's init process exited during start; guest log: {0}")]
+    InitExited(String),
+    #[error("the sandbox is running")]
+    Running,
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+pub struct NamespaceDriver {
+    config: NamespaceConfig,
+    data: DataDir,
+    /// Berth binary as seen by sandboxes (the configured one, or a copy in `images/`
+    /// when the configured one is not reachable by unprivileged uids).
+    guest_exe: PathBuf,
+    layout: HostLayout,
+    etc_masked: Vec<String>,
+}
+
+fn prepare_dir(path: &Path, mode: u32) -> Result<(), NewDriverError> {
+    let err = |source| NewDriverError::Prepare {
+        path: path.into(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// Whether an unprivileged uid can reach `path` (every ancestor has o+x, file o+r).
+fn world_reachable(path: &Path) -> bool {
+    let Ok(meta) = fs::metadata(path) else {
+        return false;
+    };
+    meta.mode() & 0o005 == 0o005
+        && path
+            .ancestors()
+            .skip(1)
+            .all(|dir| fs::metadata(dir).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+impl NamespaceDriver {
+    pub fn new(config: NamespaceConfig) -> Result<Self, NewDriverError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(NewDriverError::NotRoot);
+        }
+        let dd = &config.data_dir;
+        if !dd.is_absolute() || dd.to_string_lossy().contains([',', ':']) {
+            return Err(NewDriverError::DataDir(dd.clone()));
+        }
+        if !config.berth_exe.is_file() {
+            return Err(NewDriverError::BerthExe(config.berth_exe.clone()));
+        }
+        if config.uid_base == 0 || config.uid_range < 65_536 {
+            return Err(NewDriverError::Uids);
+        }
+        let data = DataDir::new(dd.clone());
+        // Sandbox root (an unprivileged host uid) must traverse data/ and run/ to reach
+        // its rootfs and socket dir; it cannot list them, and workspaces/ stays private.
+        fs::create_dir_all(dd).map_err(|source| NewDriverError::Prepare {
+            path: dd.clone(),
+            source,
+        })?;
+        let mode = fs::metadata(dd)
+            .map_err(|source| NewDriverError::Prepare {
+                path: dd.clone(),
+                source,
+            })?
+            .mode();
+        if mode & 0o001 == 0 {
+            prepare_dir(dd, (mode & 0o7777) | 0o001)?;
+        }
+        prepare_dir(&data.run(), 0o711)?;
+        prepare_dir(&data.workspaces(), 0o700)?;
+        prepare_dir(&data.images(), 0o711)?;
+        let layout = HostLayout::probe().map_err(NewDriverError::Skeleton)?;
+        rootfs::ensure_skeleton(&data.host_skeleton(), &layout)
+            .map_err(NewDriverError::Skeleton)?;
+        let guest_exe = if world_reachable(&config.berth_exe) {
+            config.berth_exe.clone()
+        } else {
+            let copy = data.images().join("berth");
+            let err = |source| NewDriverError::Prepare {
+                path: copy.clone(),
+                source,
+            };
+            let tmp = copy.with_extension("new");
+            fs::copy(&config.berth_exe, &tmp).map_err(err)?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(err)?;
+            fs::rename(&tmp, &copy).map_err(err)?;
+            copy
+        };
+        let etc_masked = rootfs::etc_secrets(Path::new("/etc"));
+        Ok(Self {
+            config,
+            data,
+            guest_exe,
+            layout,
+            etc_masked,
+        })
+    }
+
+    /// Host uid (= gid) of the session's root.
+    fn root_id(&self, slot: u32) -> Result<u32, SandboxError> {
+        slot.checked_mul(self.config.uid_range)
+            .and_then(|off| off.checked_add(self.config.uid_base))
+            .filter(|id| id.checked_add(self.config.uid_range).is_some())
+            .ok_or(SandboxError::UidSlot(slot))
+    }
+
+    /// The OCI config input for a request.
+    fn spec_input(&self, req: &SandboxRequest, paths: &SessionPaths, root_id: u32) -> SpecInput {
+        let rt = &req.runtime;
+        let host = rt.image == IMAGE_HOST;
+        SpecInput {
+            session: req.session_id.clone(),
+            rootfs: paths.rootfs(),
+            host_id: root_id,
+            id_range: self.config.uid_range,
+            cgroup: paths.cgroup(),
+            host_dirs: if host {
+                self.layout.binds.clone()
+            } else {
+                vec![]
+            },
+            masked: if host {
+                self.etc_masked.clone()
+            } else {
+                vec![]
+            },
+            berth_exe: self.guest_exe.clone(),
+            sock_dir: paths.sock_dir(),
+            workspace_source: paths.workspace(),
+            workspace_path: rt.workspace_path.clone(),
+            mounts: rt
+                .mounts
+                .iter()
+                .map(|m| BindMount {
+                    source: m.source.clone().into(),
+                    target: m.target.clone(),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            env: rt.env.clone(),
+            cpus: rt.cpus,
+            memory: rt.memory,
+            pids: rt.pids,
+        }
+    }
+
+    fn plan(&self, req: &SandboxRequest, root_id: u32) -> StartPlan {
+        let rt = &req.runtime;
+        let host = rt.image == IMAGE_HOST;
+        let mut targets = vec![
+            (GUEST_EXE.to_string(), true),
+            (rt.workspace_path.clone(), false),
+        ];
+        for m in &rt.mounts {
+            targets.push((m.target.clone(), Path::new(&m.source).is_file()));
+        }
+        StartPlan {
+            lower: if host {
+                self.data.host_skeleton()
+            } else {
+                PathBuf::from(&rt.image)
+            },
+            host_image: host,
+            root_id,
+            workspace_image: self.data.workspace_image(&req.session_id),
+            targets,
+        }
+    }
+
+    async fn helper(&self, cmd: &'static str, paths: &SessionPaths) -> Result<(), SandboxError> {
+        let out = tokio::process::Command::new(&self.config.berth_exe)
+            .arg("sandbox-helper")
+            .arg(cmd)
+            .arg(&paths.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await
+            .map_err(SandboxError::HelperSpawn)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(SandboxError::Helper {
+                cmd,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    fn write_bundle(
+        &self,
+        req: &SandboxRequest,
+        paths: &SessionPaths,
+        root_id: u32,
+    ) -> Result<(), SandboxError> {
+        let prep = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SandboxError::Prepare { path, source }
+        };
+        fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&paths.dir)
+            .map_err(prep(&paths.dir))?;
+        fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o711))
+            .map_err(prep(&paths.dir))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(paths.bundle())
+            .map_err(prep(&paths.bundle()))?;
+        let config = spec::config(&self.spec_input(req, paths, root_id));
+        fs::write(paths.config_json(), config.to_string()).map_err(prep(&paths.config_json()))?;
+        let plan = serde_json::to_vec(&self.plan(req, root_id)).unwrap_or_default();
+        fs::write(paths.plan(), plan).map_err(prep(&paths.plan()))?;
+        Ok(())
+    }
+
+    async fn start_inner(&self, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
+        check_session_id(&req.session_id)?;
+        let root_id = self.root_id(req.uid_slot)?;
+        let paths = self.data.session(&req.session_id);
+        if paths.dir.exists() {
+            // A leftover of an earlier sandbox: the core asks to start, so it is dead.
+            self.helper("stop", &paths).await?;
+        }
+        let image = self.data.workspace_image(&req.session_id);
+        let size = req.runtime.workspace_size;
+        tokio::task::spawn_blocking(move || volume::ensure_image(&image, size, root_id)).await??;
+        self.write_bundle(req, &paths, root_id)?;
+        let started = Instant::now();
+        self.helper("start", &paths).await?;
+        let init = InitProcess::read(&paths.init_pid())
+            .ok_or_else(|| SandboxError::InitExited(self.guest_log_tail(&paths)))?;
+        let guest = self.wait_for_guest(&paths, init, GUEST_DEADLINE).await?;
+        tracing::debug!(session = %req.session_id, elapsed = ?started.elapsed(), "sandbox ready");
+        Ok(Sandbox {
+            guest,
+            init_pid: init.pid as u32,
+        })
+    }
+
+    /// Poll the guest's socket until `Health` answers: every millisecond at first (a
+    /// healthy guest is up within a few), then every 10 ms.
+    async fn wait_for_guest(
+        &self,
+        paths: &SessionPaths,
+        init: InitProcess,
+        deadline: Duration,
+    ) -> Result<Guest, SandboxError> {
+        let start = Instant::now();
+        let sock = paths.guest_sock();
+        let mut attempt = 0u32;
+        loop {
+            if sock.exists() {
+                if let Ok(mut guest) = berth_guest::client::connect_unix(&sock).await {
+                    if guest.health(berth_guest::proto::Empty {}).await.is_ok() {
+                        return Ok(guest);
+                    }
+                }
+            }
+            if !init.is_alive() {
+                return Err(SandboxError::InitExited(self.guest_log_tail(paths)));
+            }
+            if start.elapsed() > deadline {
+                return Err(SandboxError::GuestTimeout(
+                    deadline,
+                    self.guest_log_tail(paths),
+                ));
+            }
+            attempt += 1;
+            let pause = if attempt < 100 { 1 } else { 10 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    fn guest_log_tail(&self, paths: &SessionPaths) -> String {
+        let text = fs::read(paths.guest_log()).unwrap_or_default();
+        let tail = &text[text.len().saturating_sub(2000)..];
+        String::from_utf8_lossy(tail).trim().to_string()
+    }
+
+    fn trim_guest_log(paths: &SessionPaths) {
+        let log = paths.guest_log();
+        if fs::metadata(&log).is_ok_and(|m| m.len() > GUEST_LOG_MAX) {
+            // The guest writes with O_APPEND, so it continues at the new end.
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(&log) {
+                let _ = f.set_len(0);
+            }
+        }
+    }
+
+    async fn stop_inner(&self, session_id: &str) -> Result<(), SandboxError> {
+        check_session_id(session_id)?;
+        let paths = self.data.session(session_id);
+        if !paths.dir.exists() {
+            return Ok(());
+        }
+        self.helper("stop", &paths).await
+    }
+
+    fn init_of(&self, session_id: &str) -> Option<InitProcess> {
+        check_session_id(session_id).ok()?;
+        InitProcess::read(&self.data.session(session_id).init_pid())
+    }
+}
+
+fn start_error(session: &str, e: SandboxError) -> DriverError {
+    DriverError::Start {
+        session: session.to_string(),
+        source: Box::new(e),
+    }
+}
+
+fn io_error(op: &'static str, session: &str, e: SandboxError) -> DriverError {
+    DriverError::Io {
+        op,
+        session: session.to_string(),
+        source: Box::new(e),
+    }
+}
+
+#[async_trait]
+impl Driver for NamespaceDriver {
+    fn name(&self) -> &'static str {
+        "namespace"
+    }
+
+    fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError> {
+        validate::check(runtime, &self.config.data_dir)
+    }
+
+    async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
+        self.validate(&req.runtime)?;
+        match self.start_inner(req).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                if let Err(stop) = self.stop_inner(&req.session_id).await {
+                    tracing::warn!(session = %req.session_id, error = %stop, "cleanup after failed start");
+                }
+                Err(start_error(&req.session_id, e))
+            }
+        }
+    }
+
+    async fn adopt(&self, req: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
+        let session = &req.session_id;
+        check_session_id(session).map_err(|e| io_error("adopt", session, e.into()))?;
+        let paths = self.data.session(session);
+        if !paths.dir.exists() {
+            return Ok(None);
+        }
+        if let Some(init) = InitProcess::read(&paths.init_pid()).filter(InitProcess::is_alive) {
+            if let Ok(guest) = self.wait_for_guest(&paths, init, ADOPT_DEADLINE).await {
+                return Ok(Some(Sandbox {
+                    guest,
+                    init_pid: init.pid as u32,
+                }));
+            }
+        }
+        self.stop_inner(session)
+            .await
+            .map_err(|e| io_error("adopt", session, e))?;
+        Ok(None)
+    }
+
+    async fn is_alive(&self, session_id: &str) -> bool {
+        let alive = self.init_of(session_id).is_some_and(|i| i.is_alive());
+        if alive {
+            Self::trim_guest_log(&self.data.session(session_id));
+        }
+        alive
+    }
+
+    async fn stop(&self, session_id: &str) -> Result<(), DriverError> {
+        self.stop_inner(session_id)
+            .await
+            .map_err(|e| io_error("stop", session_id, e))
+    }
+
+    /// Read from the session's cgroup, which `stop` removes: call this before `stop`.
+    async fn stats(&self, session_id: &str) -> Option<SandboxStats> {
+        check_session_id(session_id).ok()?;
+        let paths = self.data.session(session_id);
+        if !paths.dir.exists() {
+            return None;
+        }
+        SandboxCgroup::new(&paths.cgroup()).stats()
+    }
+
+    async fn workspace_bytes(&self, session_id: &str) -> u64 {
+        if check_session_id(session_id).is_err() {
+            return 0;
+        }
+        let paths = self.data.session(session_id);
+        let mounted = match (fs::metadata(paths.workspace()), fs::metadata(&paths.dir)) {
+            (Ok(ws), Ok(dir)) if ws.dev() != dir.dev() => Some(paths.workspace()),
+            _ => None,
+        };
+        volume::used_bytes(&self.data.workspace_image(session_id), mounted.as_deref())
+    }
+
+    async fn delete_workspace(&self, session_id: &str) -> Result<(), DriverError> {
+        let op = "delete workspace";
+        check_session_id(session_id).map_err(|e| io_error(op, session_id, e.into()))?;
+        if self.data.session(session_id).dir.exists() {
+            return Err(io_error(op, session_id, SandboxError::Running));
+        }
+        volume::delete(&self.data.workspace_image(session_id))
+            .map_err(|e| io_error(op, session_id, e.into()))
+    }
+
+    async fn leftovers(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.data.run()) else {
+            return vec![];
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| check_session_id(id).is_ok())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn workspace_image(&self, session_id: &str) -> PathBuf {
+        self.data.workspace_image(session_id)
+    }
+}
