@@ -1,1 +1,32 @@
-//! berth-server
+//! Berth's HTTP API: the native `/v1` routes over [`berth_core::Core`].
+//!
+//! Routes only parse requests into `berth-api` values, call the core, and map results
+//! and errors back; every error leaves as `{"error":{"code","message"}}`.
+
+mod auth;
+mod error;
+mod extract;
+mod openapi;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use berth_core::Core;
+
+pub use auth::{ensure_admin_token, hash_token, Tokens};
+pub use error::AppError;
+
+/// Limit on JSON request bodies.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub core: Core,
+    pub tokens: Arc<Tokens>,
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    routes::router(state)
+}

@@ -107,6 +107,13 @@ impl Store {
         Ok(())
     }
 
+    pub async fn token_hashes(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT sha256 FROM api_tokens")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list tokens"))
+    }
+
     /// The role of the token whose hash is `sha256`, if any.
     pub async fn token_role(&self, sha256: &str) -> Result<Option<String>, StoreError> {
         sqlx::query_scalar("SELECT role FROM api_tokens WHERE sha256 = ?")

@@ -1,0 +1,38 @@
+//! The OpenAPI document for `/v1`, generated from the handlers' annotations.
+
+use utoipa::OpenApi;
+
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Berth API", description = "Native API of Berth, a self-hosted runtime for AI coding agents. Every route needs `Authorization: Bearer <token>`."),
+    paths(
+        routes::info,
+        routes::create_runtime, routes::list_runtimes, routes::get_runtime, routes::delete_runtime,
+        routes::create_session, routes::list_sessions, routes::get_session, routes::stop_session, routes::delete_session,
+        routes::run_command, routes::signal_command,
+        routes::read_file, routes::write_file,
+    ),
+    components(schemas(berth_api::ErrorBody, berth_api::ApiError, berth_api::ErrorCode, berth_api::CommandEvent)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
