@@ -1,1 +1,294 @@
-//! berth-client
+//! A typed client for Berth's native `/v1` API.
+
+use std::pin::Pin;
+
+use berth_api::{
+    ApiError, CommandEvent, CommandRequest, CreateSession, ErrorBody, ErrorCode, Runtime,
+    RuntimeSpec, Session,
+};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an API error.
+    #[error("{}", .0.message)]
+    Api(ApiError),
+    #[error("cannot reach the Berth server at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("request to the Berth server failed")]
+    Transport(#[source] reqwest::Error),
+    #[error("the server sent something this client cannot read: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// Metadata of a file in a sandbox.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FileInfo {
+    pub name: String,
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub modified_ms: i64,
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<CommandEvent, ClientError>> + Send>>;
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(base_url: &str, token: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder().build().unwrap_or_default(),
+            base: base_url.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+    }
+
+    async fn send(&self, rb: RequestBuilder) -> Result<Response, ClientError> {
+        let resp = rb.send().await.map_err(|e| {
+            if e.is_connect() {
+                ClientError::Connect {
+                    url: self.base.clone(),
+                    source: e,
+                }
+            } else {
+                ClientError::Transport(e)
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(ClientError::Transport)?;
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => Err(ClientError::Api(e.error)),
+            Err(_) => Err(ClientError::Protocol(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            ))),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
+        let resp = self.send(rb).await?;
+        let body = resp.bytes().await.map_err(ClientError::Transport)?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn create_runtime(&self, spec: &RuntimeSpec) -> Result<Runtime, ClientError> {
+        self.json(self.req(Method::POST, "/v1/runtimes").json(spec))
+            .await
+    }
+    pub async fn list_runtimes(&self) -> Result<Vec<Runtime>, ClientError> {
+        self.json(self.req(Method::GET, "/v1/runtimes")).await
+    }
+    pub async fn get_runtime(&self, name: &str) -> Result<Runtime, ClientError> {
+        self.json(self.req(Method::GET, &format!("/v1/runtimes/{}", enc(name))))
+            .await
+    }
+    pub async fn delete_runtime(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/v1/runtimes/{}", enc(name))))
+            .await
+            .map(drop)
+    }
+
+    pub async fn create_session(&self, req: &CreateSession) -> Result<Session, ClientError> {
+        self.json(self.req(Method::POST, "/v1/sessions").json(req))
+            .await
+    }
+    pub async fn list_sessions(&self) -> Result<Vec<Session>, ClientError> {
+        self.json(self.req(Method::GET, "/v1/sessions")).await
+    }
+    pub async fn get_session(&self, id: &str) -> Result<Session, ClientError> {
+        self.json(self.req(Method::GET, &format!("/v1/sessions/{}", enc(id))))
+            .await
+    }
+    pub async fn stop_session(&self, id: &str) -> Result<Session, ClientError> {
+        self.json(self.req(Method::POST, &format!("/v1/sessions/{}/stop", enc(id))))
+            .await
+    }
+    pub async fn delete_session(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/v1/sessions/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
+    /// Run a command; events arrive as the process produces output.
+    pub async fn run_command(
+        &self,
+        session: &str,
+        req: &CommandRequest,
+    ) -> Result<EventStream, ClientError> {
+        let resp = self
+            .send(
+                self.req(
+                    Method::POST,
+                    &format!("/v1/sessions/{}/commands", enc(session)),
+                )
+                .json(req),
+            )
+            .await?;
+        Ok(ndjson(resp))
+    }
+
+    pub async fn signal_command(
+        &self,
+        session: &str,
+        command_id: &str,
+        signal: &str,
+    ) -> Result<(), ClientError> {
+        let path = format!(
+            "/v1/sessions/{}/commands/{}/signal",
+            enc(session),
+            enc(command_id)
+        );
+        self.send(
+            self.req(Method::POST, &path)
+                .json(&berth_api::SignalRequest {
+                    signal: signal.into(),
+                }),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Stream a file (or, with `tar`, a tar archive of a file or directory).
+    pub async fn read_file(
+        &self,
+        session: &str,
+        path: &str,
+        tar: bool,
+    ) -> Result<ByteStream, ClientError> {
+        let url = format!(
+            "/v1/sessions/{}/files/{}",
+            enc(session),
+            path.trim_start_matches('/')
+        );
+        let resp = self
+            .send(self.req(Method::GET, &url).query(&[("tar", tar)]))
+            .await?;
+        Ok(Box::pin(
+            resp.bytes_stream()
+                .map(|r| r.map_err(ClientError::Transport)),
+        ))
+    }
+
+    pub async fn stat_file(&self, session: &str, path: &str) -> Result<FileInfo, ClientError> {
+        let url = format!(
+            "/v1/sessions/{}/files/{}",
+            enc(session),
+            path.trim_start_matches('/')
+        );
+        self.json(self.req(Method::GET, &url).query(&[("stat", true)]))
+            .await
+    }
+
+    /// Upload a file, or with `tar` a tar archive unpacked into the directory `path`.
+    pub async fn write_file(
+        &self,
+        session: &str,
+        path: &str,
+        tar: bool,
+        body: reqwest::Body,
+    ) -> Result<u64, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Written {
+            bytes: u64,
+        }
+        let url = format!(
+            "/v1/sessions/{}/files/{}",
+            enc(session),
+            path.trim_start_matches('/')
+        );
+        let w: Written = self
+            .json(
+                self.req(Method::PUT, &url)
+                    .query(&[("tar", tar)])
+                    .body(body),
+            )
+            .await?;
+        Ok(w.bytes)
+    }
+}
+
+/// Percent-encode one path segment.
+fn enc(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Split a streamed response into JSON lines.
+fn ndjson(resp: Response) -> EventStream {
+    let bytes = resp.bytes_stream();
+    let stream = futures::stream::unfold(
+        (bytes, BytesMut::new(), false),
+        |(mut bytes, mut buf, done)| async move {
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line = buf.split_to(pos + 1);
+                    let ev = serde_json::from_slice::<CommandEvent>(&line[..pos])
+                        .map_err(|e| ClientError::Protocol(format!("bad event line: {e}")));
+                    return Some((ev, (bytes, buf, done)));
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        return Some((Err(ClientError::Transport(e)), (bytes, buf, true)))
+                    }
+                    None => {
+                        if buf.is_empty() {
+                            return None;
+                        }
+                        return Some((
+                            Err(ClientError::Protocol("stream ended inside an event".into())),
+                            (bytes, BytesMut::new(), true),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(stream)
+}
