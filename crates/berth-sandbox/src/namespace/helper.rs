@@ -39,6 +39,15 @@ pub fn main(args: Vec<OsString>) -> anyhow::Result<()> {
     let [cmd, dir] = args.as_slice() else {
         bail!("usage: berth sandbox-helper start|stop RUN_DIR");
     };
+    // The helper's stderr ends up in the driver's error; `RUST_LOG=debug` on the server
+    // shows libcontainer's own account of a failed start.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
     let dir = PathBuf::from(dir);
     let paths = SessionPaths::from_dir(&dir)
         .with_context(|| format!("{} is not a session run dir", dir.display()))?;

@@ -295,9 +295,11 @@ impl NamespaceDriver {
         if out.status.success() {
             Ok(())
         } else {
+            // The last lines carry the error; debug logs before them can be long.
+            let stderr = &out.stderr[out.stderr.len().saturating_sub(4000)..];
             Err(SandboxError::Helper {
                 cmd,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                stderr: String::from_utf8_lossy(stderr).trim().to_string(),
             })
         }
     }

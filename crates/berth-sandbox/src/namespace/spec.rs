@@ -223,7 +223,6 @@ pub fn config(input: &SpecInput) -> Value {
                 "effective": CAPABILITIES,
                 "permitted": CAPABILITIES,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
             "noNewPrivileges": true,
         },
         "mounts": mounts(input),

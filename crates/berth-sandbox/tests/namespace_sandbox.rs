@@ -1,0 +1,211 @@
+//! Real sandboxes: needs root, cgroups, overlayfs, loop devices and a built
+//! `target/debug/berth` (or `BERTH_EXE`). Skips with a message otherwise.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use berth_api::RuntimeSpec;
+use berth_core::driver::{Driver, SandboxRequest};
+use berth_guest::client::Guest;
+use berth_guest::proto::{exec_input, exec_output, ExecInput, ExecStart};
+use berth_sandbox::{NamespaceConfig, NamespaceDriver};
+use futures::StreamExt;
+
+fn berth_exe() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("BERTH_EXE") {
+        return Some(p.into());
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/berth");
+    p.is_file().then(|| p.canonicalize().unwrap_or(p))
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    if berth_exe().is_none() {
+        return Some("target/debug/berth missing: run `cargo build -p berth` (or set BERTH_EXE)".into());
+    }
+    None
+}
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn exec(guest: &Guest, argv: &[&str]) -> Output {
+    let start = ExecInput {
+        kind: Some(exec_input::Kind::Start(ExecStart {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            cwd: "/".into(),
+            timeout_ms: 10_000,
+            ..Default::default()
+        })),
+    };
+    let input = futures::stream::iter([start]).chain(futures::stream::pending());
+    let mut stream = guest
+        .clone()
+        .exec(input)
+        .await
+        .expect("exec call")
+        .into_inner();
+    let mut out = Output {
+        code: None,
+        stdout: String::new(),
+        stderr: String::new(),
+    };
+    while let Some(msg) = stream.next().await {
+        match msg.expect("exec stream").kind {
+            Some(exec_output::Kind::Stdout(b)) => out.stdout.push_str(&String::from_utf8_lossy(&b)),
+            Some(exec_output::Kind::Stderr(b)) => out.stderr.push_str(&String::from_utf8_lossy(&b)),
+            Some(exec_output::Kind::Exited(e)) => {
+                out.code = e.code;
+                break;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn request(session: &str, slot: u32) -> SandboxRequest {
+    let mut runtime = RuntimeSpec::named("test");
+    runtime.workspace_size = 256 << 20;
+    runtime.memory = 512 << 20;
+    runtime.cpus = Some(1.0);
+    runtime.env.insert("BERTH_TEST".into(), "yes".into());
+    SandboxRequest {
+        session_id: session.into(),
+        runtime,
+        uid_slot: slot,
+    }
+}
+
+/// Nothing of the session may remain on the host after `stop`.
+fn assert_no_leaks(data_dir: &std::path::Path, session: &str) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let dd = data_dir.to_string_lossy();
+    assert!(
+        !mountinfo.lines().any(|l| l.contains(dd.as_ref())),
+        "mounts left under the data dir:\n{mountinfo}"
+    );
+    let losetup = std::process::Command::new("losetup").arg("-a").output().expect("losetup");
+    let losetup = String::from_utf8_lossy(&losetup.stdout);
+    assert!(!losetup.contains(dd.as_ref()), "loop devices left: {losetup}");
+    for ctl in ["memory", "pids", "cpu", "cpuacct", "freezer", "devices"] {
+        let dir = PathBuf::from("/sys/fs/cgroup").join(ctl).join("berth").join(session);
+        assert!(!dir.exists(), "cgroup left: {}", dir.display());
+    }
+    assert!(!PathBuf::from("/sys/fs/cgroup/berth").join(session).exists());
+    assert!(!data_dir.join("run").join(session).exists(), "run dir left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_lifecycle() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping namespace sandbox test: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data_dir = tmp.path().to_path_buf();
+    let config = NamespaceConfig::new(&data_dir, berth_exe().expect("berth"));
+    let driver = NamespaceDriver::new(config.clone()).expect("driver");
+    let session = format!("it-{}", std::process::id());
+    let req = request(&session, 3);
+
+    let t = Instant::now();
+    let sandbox = driver.start(&req).await.expect("start");
+    eprintln!("start (new workspace) -> health ok: {:?}", t.elapsed());
+    let guest = &sandbox.guest;
+    assert!(driver.is_alive(&session).await);
+
+    let id = exec(guest, &["id"]).await;
+    assert_eq!(id.code, Some(0), "{}", id.stderr);
+    assert!(id.stdout.starts_with("uid=0(root) gid=0(root)"), "{}", id.stdout);
+    let host = exec(guest, &["hostname"]).await;
+    assert_eq!(host.stdout.trim(), session);
+    let ls = exec(guest, &["ls", "-A", "/root", "/home"]).await;
+    assert_eq!(ls.code, Some(0), "{}", ls.stderr);
+    assert_eq!(ls.stdout.trim(), "/home:\n\n/root:", "empty /root and /home");
+    let shadow = exec(guest, &["cat", "/etc/shadow"]).await;
+    assert_eq!(shadow.stdout, "", "shadow is masked");
+    let env = exec(guest, &["sh", "-c", "echo $BERTH_TEST $HOME $TERM"]).await;
+    assert_eq!(env.stdout.trim(), "yes /root xterm-256color");
+    let write = exec(
+        guest,
+        &["sh", "-c", "echo persisted > /mnt/workspace/f && touch /tmp/x /x && ls -ld /mnt/workspace"],
+    )
+    .await;
+    assert_eq!(write.code, Some(0), "{}", write.stderr);
+    assert!(write.stdout.contains("root root"), "{}", write.stdout);
+    let denied = exec(guest, &["unshare", "-U", "true"]).await;
+    assert_ne!(denied.code, Some(0), "unshare is denied");
+    let etc = exec(guest, &["touch", "/etc/x"]).await;
+    assert_ne!(etc.code, Some(0), "/etc is read-only");
+    let lo = exec(guest, &["cat", "/sys/class/net/lo/operstate"]).await;
+    eprintln!("lo: {} {}", lo.stdout.trim(), lo.stderr.trim());
+
+    let stats = driver.stats(&session).await.expect("stats while running");
+    assert!(stats.cpu_ns > 0 && stats.memory_peak_bytes > 0, "{stats:?}");
+    assert!(driver.workspace_bytes(&session).await > 0);
+    assert_eq!(driver.leftovers().await, vec![session.clone()]);
+
+    // A restarted server adopts the running sandbox.
+    let restarted = NamespaceDriver::new(config.clone()).expect("driver");
+    let adopted = restarted.adopt(&req).await.expect("adopt").expect("running");
+    assert_eq!(adopted.init_pid, sandbox.init_pid);
+    let again = exec(&adopted.guest, &["cat", "/mnt/workspace/f"]).await;
+    assert_eq!(again.stdout.trim(), "persisted");
+
+    driver.stop(&session).await.expect("stop");
+    driver.stop(&session).await.expect("stop is idempotent");
+    assert!(!driver.is_alive(&session).await);
+    assert!(driver.stats(&session).await.is_none());
+    assert!(restarted.adopt(&req).await.expect("adopt").is_none());
+    assert_no_leaks(&data_dir, &session);
+    assert!(driver.workspace_bytes(&session).await > 0, "image bytes");
+
+    // Resume: a fresh sandbox on the same workspace.
+    let t = Instant::now();
+    let sandbox = driver.start(&req).await.expect("restart");
+    eprintln!("start (existing workspace) -> health ok: {:?}", t.elapsed());
+    let f = exec(&sandbox.guest, &["cat", "/mnt/workspace/f", "/x"]).await;
+    assert_eq!(f.stdout.trim(), "persisted", "workspace kept, rootfs fresh: {}", f.stderr);
+    assert_ne!(f.code, Some(0), "/x was in the ephemeral rootfs");
+    driver.stop(&session).await.expect("stop");
+    assert_no_leaks(&data_dir, &session);
+
+    driver.delete_workspace(&session).await.expect("delete");
+    assert!(!driver.workspace_image(&session).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_latency() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping namespace sandbox test: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = NamespaceConfig::new(tmp.path(), berth_exe().expect("berth"));
+    let driver = NamespaceDriver::new(config).expect("driver");
+    let session = format!("lat-{}", std::process::id());
+    let req = request(&session, 4);
+    // First start makes the workspace image; later ones measure resume.
+    driver.start(&req).await.expect("start");
+    driver.stop(&session).await.expect("stop");
+    let mut times = vec![];
+    for _ in 0..5 {
+        let t = Instant::now();
+        driver.start(&req).await.expect("start");
+        times.push(t.elapsed());
+        let t = Instant::now();
+        driver.stop(&session).await.expect("stop");
+        eprintln!("stop: {:?}", t.elapsed());
+    }
+    times.sort();
+    eprintln!("resume start -> health ok: min {:?} median {:?} max {:?}", times[0], times[2], times[4]);
+    assert!(times[2] < Duration::from_secs(5));
+    assert_no_leaks(tmp.path(), &session);
+}
