@@ -1,29 +1,35 @@
 //! The `berth` binary: CLI, `server`, and the hidden in-sandbox entry points.
 
+mod cli;
+mod cmd;
+mod units;
+
 use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for failures of Berth itself (as opposed to the command's own exit code).
+pub const EXIT_BERTH_ERROR: u8 = 125;
 
 /// Dispatch hidden entry points before clap sees the arguments: they are not user
 /// commands and parse their own flags.
 pub fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let hidden = args
-        .get(1)
-        .and_then(|a| a.to_str())
-        .unwrap_or_default()
-        .to_string();
-    let result = match hidden.as_str() {
-        "guest" => berth_guest::agent::cli_main(args[2..].to_vec()),
-        "sandbox-helper" => berth_sandbox::helper::cli_main(args[2..].to_vec()),
-        _ => {
-            eprintln!("berth: CLI not built yet");
-            return ExitCode::from(2);
-        }
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or_default().to_string();
+    let hidden = match first.as_str() {
+        "guest" => Some(berth_guest::agent::cli_main(args[2..].to_vec())),
+        "sandbox-helper" => Some(berth_sandbox::helper::cli_main(args[2..].to_vec())),
+        _ => None,
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("berth {hidden}: {err:#}");
-            ExitCode::FAILURE
-        }
+    if let Some(result) = hidden {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("berth {first}: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
+    let cli = cli::Cli::parse();
+    cmd::run(cli)
 }

@@ -1,0 +1,204 @@
+//! Command-line syntax. Each subcommand's behaviour lives in `cmd/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::{parse_duration, parse_size};
+
+/// Berth: every AI coding agent session gets its own isolated machine with a persistent
+/// workspace, a shell and deterministic command execution.
+///
+/// Start a server with `berth server`, then run commands in sessions, which are created
+/// on first use:  berth exec --session my-task -- uname -a
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the CLI finds the server.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// Server URL.
+    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:7878", global = true)]
+    pub url: String,
+    /// API token; when unset, read from <data-dir>/admin.token.
+    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Data dir of a local server, used to find admin.token.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = crate::cmd::DEFAULT_DATA_DIR, global = true)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Berth server (API, sessions, sandboxes).
+    Server(ServerArgs),
+    /// Run a command in a session's sandbox (the session is created on first use).
+    Exec(ExecArgs),
+    /// Copy files or directories between this machine and a session: LOCAL S:PATH or S:PATH LOCAL.
+    Cp(CpArgs),
+    /// Create, list, show and delete runtimes (sandbox configurations).
+    #[command(subcommand)]
+    Runtime(RuntimeCmd),
+    /// Create, list, show, stop and delete sessions.
+    #[command(subcommand)]
+    Session(SessionCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Where Berth keeps its state, workspaces and sockets.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = crate::cmd::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:7878")]
+    pub listen: String,
+    /// Most sandboxes running at once; more requests get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_sandboxes: usize,
+    /// Delete stopped sessions (workspace included) inactive for this long.
+    #[arg(long, default_value = "14d", value_parser = parse_duration)]
+    pub retention: u64,
+    /// First host uid/gid of the ranges that sandbox users map to.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub uid_base: u32,
+    /// Print what this host supports and exit.
+    #[arg(long)]
+    pub info: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Session to run in; created with --runtime if it does not exist.
+    #[arg(long, short = 's')]
+    pub session: String,
+    /// Runtime for a new session.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Working directory inside the sandbox (default: the workspace).
+    #[arg(long, short = 'w')]
+    pub cwd: Option<String>,
+    /// Extra environment variable (repeatable).
+    #[arg(long, short = 'e', value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Kill the command (its whole process group) after this long, e.g. 30s.
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<u64>,
+    /// Read standard input to the end and pass it to the command.
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    #[command(flatten)]
+    pub remote: Remote,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// LOCAL path or SESSION:PATH.
+    pub src: String,
+    /// LOCAL path or SESSION:PATH.
+    pub dst: String,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RuntimeCmd {
+    /// Create a runtime.
+    Create(RuntimeCreateArgs),
+    /// List runtimes.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one runtime as JSON.
+    Show {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a runtime that no session uses.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RuntimeCreateArgs {
+    pub name: String,
+    /// `host` (host system dirs read-only, secrets masked) or a rootfs directory.
+    #[arg(long, default_value = "host")]
+    pub image: String,
+    /// Where the persistent workspace is mounted inside the sandbox.
+    #[arg(long, default_value = "/mnt/workspace")]
+    pub workspace_path: String,
+    /// Workspace quota, e.g. 10G.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub workspace_size: u64,
+    /// Extra host directory, SRC:DST[:ro] (at most 5).
+    #[arg(long, value_name = "SRC:DST[:ro]")]
+    pub mount: Vec<String>,
+    /// Environment variable for every process, K=V (repeatable).
+    #[arg(long, value_name = "K=V")]
+    pub env: Vec<String>,
+    /// CPU limit in cores, e.g. 1.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory limit, e.g. 2G.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub memory: u64,
+    /// Process limit.
+    #[arg(long, default_value_t = 1024)]
+    pub pids: u64,
+    /// Stop the sandbox after this long without activity.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub idle_timeout: u64,
+    /// Stop the sandbox this long after it started.
+    #[arg(long, default_value = "8h", value_parser = parse_duration)]
+    pub max_lifetime: u64,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCmd {
+    /// Create a session and start its sandbox.
+    Create {
+        /// Session id (generated when omitted).
+        id: Option<String>,
+        #[arg(long)]
+        runtime: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List sessions with state, usage and last activity.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one session as JSON.
+    Show {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Stop the session's sandbox; the workspace stays and the next command resumes it.
+    Stop {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete the session and its workspace.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}

@@ -1,0 +1,86 @@
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_core::{Core, CoreConfig};
+use berth_sandbox::{NamespaceConfig, NamespaceDriver};
+use berth_server::{AppState, Tokens};
+
+use crate::cli::ServerArgs;
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let data_dir = &args.data_dir;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict permissions of {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize().context("cannot resolve the data dir")?;
+
+    let berth_exe = std::env::current_exe().context("cannot find the berth binary")?;
+    let mut ns = NamespaceConfig::new(&data_dir, berth_exe);
+    ns.uid_base = args.uid_base;
+    let driver = NamespaceDriver::new(ns).context("the namespace sandbox driver cannot run on this host")?;
+    if args.info {
+        println!("berth {}", env!("CARGO_PKG_VERSION"));
+        println!("driver: namespace (youki libcontainer)");
+        println!("data dir: {}", data_dir.display());
+        return Ok(());
+    }
+
+    let store = berth_store::Store::open(&data_dir.join("state.db")).await?;
+    let tokens = Arc::new(Tokens::default());
+    let (token_path, created) =
+        berth_server::ensure_admin_token(&store, &data_dir, &tokens, now_ms()).await?;
+    let config = CoreConfig {
+        max_sandboxes: args.max_sandboxes,
+        retention: Duration::from_secs(args.retention),
+        ..CoreConfig::default()
+    };
+    let core = Core::new(store, Arc::new(driver), config).await.context("cannot start the core")?;
+    let background = core.spawn_background();
+
+    let addr: SocketAddr = args.listen.parse().with_context(|| format!("--listen {:?} is not HOST:PORT", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}; is another server running? (--listen picks another address)"))?;
+    let app = berth_server::app(AppState { core: core.clone(), tokens });
+    if created {
+        eprintln!("berth: created the admin token in {}", token_path.display());
+    } else {
+        eprintln!("berth: admin token is in {}", token_path.display());
+    }
+    eprintln!("berth: listening on http://{} (data dir {})", listener.local_addr()?, data_dir.display());
+
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+    background.abort();
+    eprintln!("berth: stopping sandboxes");
+    core.stop_all("server_stop").await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
