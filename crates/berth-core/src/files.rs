@@ -67,12 +67,12 @@ impl Core {
             .message()
             .await
             .map_err(|s| CoreError::guest(session_id, s))?;
-        let head = futures::stream::iter(first.map(|c| Ok(Bytes::from(c.data))));
+        let head = futures::stream::iter(first.map(|c| Ok(c.data)));
         let rest = futures::stream::unfold(
             (chunks, busy, session),
             |(mut chunks, busy, session)| async move {
                 match chunks.message().await {
-                    Ok(Some(c)) => Some((Ok(Bytes::from(c.data)), (chunks, busy, session))),
+                    Ok(Some(c)) => Some((Ok(c.data), (chunks, busy, session))),
                     Ok(None) => None,
                     Err(s) => Some((Err(CoreError::guest(&session, s)), (chunks, busy, session))),
                 }

@@ -46,7 +46,7 @@ pub(crate) fn check_spec(spec: &RuntimeSpec) -> Result<(), CoreError> {
         }
     }
     if let Some(cpus) = spec.cpus {
-        if !(cpus.is_finite() && cpus >= 0.01 && cpus <= 1024.0) {
+        if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
             return Err(CoreError::invalid("cpus", "must be between 0.01 and 1024"));
         }
     }
