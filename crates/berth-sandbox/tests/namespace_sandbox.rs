@@ -24,7 +24,9 @@ fn skip_reason() -> Option<String> {
         return Some("not root".into());
     }
     if berth_exe().is_none() {
-        return Some("target/debug/berth missing: run `cargo build -p berth` (or set BERTH_EXE)".into());
+        return Some(
+            "target/debug/berth missing: run `cargo build -p berth` (or set BERTH_EXE)".into(),
+        );
     }
     None
 }
@@ -91,15 +93,28 @@ fn assert_no_leaks(data_dir: &std::path::Path, session: &str) {
         !mountinfo.lines().any(|l| l.contains(dd.as_ref())),
         "mounts left under the data dir:\n{mountinfo}"
     );
-    let losetup = std::process::Command::new("losetup").arg("-a").output().expect("losetup");
+    let losetup = std::process::Command::new("losetup")
+        .arg("-a")
+        .output()
+        .expect("losetup");
     let losetup = String::from_utf8_lossy(&losetup.stdout);
-    assert!(!losetup.contains(dd.as_ref()), "loop devices left: {losetup}");
+    assert!(
+        !losetup.contains(dd.as_ref()),
+        "loop devices left: {losetup}"
+    );
     for ctl in ["memory", "pids", "cpu", "cpuacct", "freezer", "devices"] {
-        let dir = PathBuf::from("/sys/fs/cgroup").join(ctl).join("berth").join(session);
+        let dir = PathBuf::from("/sys/fs/cgroup")
+            .join(ctl)
+            .join("berth")
+            .join(session);
         assert!(!dir.exists(), "cgroup left: {}", dir.display());
     }
     assert!(!PathBuf::from("/sys/fs/cgroup/berth").join(session).exists());
     assert!(!data_dir.join("run").join(session).exists(), "run dir left");
+    let links = std::fs::read_dir(data_dir.join("run/.sock"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(links, 0, "socket links left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +127,8 @@ async fn sandbox_lifecycle() {
     let data_dir = tmp.path().to_path_buf();
     let config = NamespaceConfig::new(&data_dir, berth_exe().expect("berth"));
     let driver = NamespaceDriver::new(config.clone()).expect("driver");
-    let session = format!("it-{}", std::process::id());
+    // Long ids exercise the short socket link and hostname truncation.
+    let session = format!("it-{}-{}", std::process::id(), "x".repeat(100));
     let req = request(&session, 3);
 
     let t = Instant::now();
@@ -123,19 +139,31 @@ async fn sandbox_lifecycle() {
 
     let id = exec(guest, &["id"]).await;
     assert_eq!(id.code, Some(0), "{}", id.stderr);
-    assert!(id.stdout.starts_with("uid=0(root) gid=0(root)"), "{}", id.stdout);
+    assert!(
+        id.stdout.starts_with("uid=0(root) gid=0(root)"),
+        "{}",
+        id.stdout
+    );
     let host = exec(guest, &["hostname"]).await;
-    assert_eq!(host.stdout.trim(), session);
+    assert_eq!(host.stdout.trim(), &session[..63]);
     let ls = exec(guest, &["ls", "-A", "/root", "/home"]).await;
     assert_eq!(ls.code, Some(0), "{}", ls.stderr);
-    assert_eq!(ls.stdout.trim(), "/home:\n\n/root:", "empty /root and /home");
+    assert_eq!(
+        ls.stdout.trim(),
+        "/home:\n\n/root:",
+        "empty /root and /home"
+    );
     let shadow = exec(guest, &["cat", "/etc/shadow"]).await;
     assert_eq!(shadow.stdout, "", "shadow is masked");
     let env = exec(guest, &["sh", "-c", "echo $BERTH_TEST $HOME $TERM"]).await;
     assert_eq!(env.stdout.trim(), "yes /root xterm-256color");
     let write = exec(
         guest,
-        &["sh", "-c", "echo persisted > /mnt/workspace/f && touch /tmp/x /x && ls -ld /mnt/workspace"],
+        &[
+            "sh",
+            "-c",
+            "echo persisted > /mnt/workspace/f && touch /tmp/x /x && ls -ld /mnt/workspace",
+        ],
     )
     .await;
     assert_eq!(write.code, Some(0), "{}", write.stderr);
@@ -147,6 +175,25 @@ async fn sandbox_lifecycle() {
     let lo = exec(guest, &["cat", "/sys/class/net/lo/operstate"]).await;
     eprintln!("lo: {} {}", lo.stdout.trim(), lo.stderr.trim());
 
+    // The sandbox lives in its own session, so a SIGKILLed server leaves it running.
+    let sid = |pid: u32| -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        rest.split_whitespace().nth(3).expect("session").to_string()
+    };
+    assert_ne!(sid(sandbox.init_pid), sid(std::process::id()));
+
+    // Memory exhaustion is an OOM kill inside the sandbox's own cgroup.
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        let oom = exec(
+            guest,
+            &["python3", "-c", "b = bytearray(1 << 30); print(len(b))"],
+        )
+        .await;
+        assert_eq!(oom.code, None, "killed, not exited: {}", oom.stderr);
+        assert_eq!(exec(guest, &["true"]).await.code, Some(0), "guest survives");
+    }
+
     let stats = driver.stats(&session).await.expect("stats while running");
     assert!(stats.cpu_ns > 0 && stats.memory_peak_bytes > 0, "{stats:?}");
     assert!(driver.workspace_bytes(&session).await > 0);
@@ -154,7 +201,11 @@ async fn sandbox_lifecycle() {
 
     // A restarted server adopts the running sandbox.
     let restarted = NamespaceDriver::new(config.clone()).expect("driver");
-    let adopted = restarted.adopt(&req).await.expect("adopt").expect("running");
+    let adopted = restarted
+        .adopt(&req)
+        .await
+        .expect("adopt")
+        .expect("running");
     assert_eq!(adopted.init_pid, sandbox.init_pid);
     let again = exec(&adopted.guest, &["cat", "/mnt/workspace/f"]).await;
     assert_eq!(again.stdout.trim(), "persisted");
@@ -172,7 +223,12 @@ async fn sandbox_lifecycle() {
     let sandbox = driver.start(&req).await.expect("restart");
     eprintln!("start (existing workspace) -> health ok: {:?}", t.elapsed());
     let f = exec(&sandbox.guest, &["cat", "/mnt/workspace/f", "/x"]).await;
-    assert_eq!(f.stdout.trim(), "persisted", "workspace kept, rootfs fresh: {}", f.stderr);
+    assert_eq!(
+        f.stdout.trim(),
+        "persisted",
+        "workspace kept, rootfs fresh: {}",
+        f.stderr
+    );
     assert_ne!(f.code, Some(0), "/x was in the ephemeral rootfs");
     driver.stop(&session).await.expect("stop");
     assert_no_leaks(&data_dir, &session);
@@ -187,6 +243,10 @@ async fn start_latency() {
         eprintln!("skipping namespace sandbox test: {why}");
         return;
     }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let tmp = tempfile::tempdir().expect("tmp");
     let config = NamespaceConfig::new(tmp.path(), berth_exe().expect("berth"));
     let driver = NamespaceDriver::new(config).expect("driver");
@@ -205,7 +265,10 @@ async fn start_latency() {
         eprintln!("stop: {:?}", t.elapsed());
     }
     times.sort();
-    eprintln!("resume start -> health ok: min {:?} median {:?} max {:?}", times[0], times[2], times[4]);
+    eprintln!(
+        "resume start -> health ok: min {:?} median {:?} max {:?}",
+        times[0], times[2], times[4]
+    );
     assert!(times[2] < Duration::from_secs(5));
     assert_no_leaks(tmp.path(), &session);
 }

@@ -99,6 +99,13 @@ fn start(paths: &SessionPaths) -> anyhow::Result<()> {
     mkdir(&paths.sock_dir(), 0o700, Some(id))?;
     mkdir(&paths.state_root(), 0o700, None)?;
 
+    let t = Instant::now();
+    if let Some(links) = paths.sock_link().parent() {
+        mkdir(links, 0o700, None)?;
+    }
+    let _ = fs::remove_file(paths.sock_link());
+    std::os::unix::fs::symlink(paths.sock_dir(), paths.sock_link())
+        .with_context(|| format!("link {}", paths.sock_link().display()))?;
     rootfs::mount_overlay(&plan.lower, &paths.upper(), &paths.work(), &paths.rootfs())?;
     if plan.host_image {
         rootfs::adopt_skeleton(&paths.rootfs(), id)?;
@@ -106,7 +113,9 @@ fn start(paths: &SessionPaths) -> anyhow::Result<()> {
     for (target, is_file) in &plan.targets {
         rootfs::ensure_target(&paths.rootfs(), target, *is_file, id)?;
     }
+    tracing::debug!(elapsed = ?t.elapsed(), "rootfs ready");
     volume::mount(&plan.workspace_image, &paths.workspace())?;
+    tracing::debug!(elapsed = ?t.elapsed(), "workspace mounted");
 
     let devnull = fs::File::open("/dev/null").context("open /dev/null")?;
     let log = fs::OpenOptions::new()
@@ -127,7 +136,9 @@ fn start(paths: &SessionPaths) -> anyhow::Result<()> {
         .with_detach(true)
         .build()
         .context("create container")?;
+    tracing::debug!(elapsed = ?t.elapsed(), "container created");
     container.start().context("start container")?;
+    tracing::debug!(elapsed = ?t.elapsed(), "container started");
     let pid = container.pid().context("container has no init pid")?;
     let init = InitProcess::of(pid.as_raw()).context("container init exited at once")?;
     init.write(&paths.init_pid())
@@ -139,6 +150,7 @@ fn start(paths: &SessionPaths) -> anyhow::Result<()> {
 /// when nothing is mounted below it any more (never delete through a live mount).
 pub fn stop(paths: &SessionPaths) -> anyhow::Result<()> {
     if !paths.dir.exists() {
+        let _ = fs::remove_file(paths.sock_link());
         return Ok(());
     }
     let mut problems: Vec<String> = vec![];
@@ -186,6 +198,12 @@ pub fn stop(paths: &SessionPaths) -> anyhow::Result<()> {
             paths.dir.display(),
             problems.join("; ")
         );
+    }
+    match fs::remove_file(paths.sock_link()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            problems.push(format!("remove {}: {e}", paths.sock_link().display()))
+        }
+        _ => {}
     }
     fs::remove_dir_all(&paths.dir).with_context(|| format!("remove {}", paths.dir.display()))?;
     if !problems.is_empty() {

@@ -36,6 +36,10 @@ use crate::volume;
 const GUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// How long `adopt` gives a guest that should already be up.
 const ADOPT_DEADLINE: Duration = Duration::from_secs(2);
+/// Bound on one connect + `Health` attempt.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 /// `guest.log` is truncated when it grows past this.
 const GUEST_LOG_MAX: u64 = 1 << 20;
 
@@ -108,6 +112,8 @@ pub enum SandboxError {
     GuestTimeout(Duration, String),
     #[error("the sandbox's init process exited during start; guest log: {0}")]
     InitExited(String),
+    #[error("guest socket path {0} is longer than 107 bytes: use a shorter data dir")]
+    SocketPath(PathBuf),
     #[error("the sandbox is running")]
     Running,
     #[error("background task failed")]
@@ -293,6 +299,9 @@ impl NamespaceDriver {
             .await
             .map_err(SandboxError::HelperSpawn)?;
         if out.status.success() {
+            if !out.stderr.is_empty() {
+                tracing::debug!(helper = cmd, stderr = %String::from_utf8_lossy(&out.stderr), "sandbox-helper log");
+            }
             Ok(())
         } else {
             // The last lines carry the error; debug logs before them can be long.
@@ -335,6 +344,9 @@ impl NamespaceDriver {
         check_session_id(&req.session_id)?;
         let root_id = self.root_id(req.uid_slot)?;
         let paths = self.data.session(&req.session_id);
+        if paths.guest_sock_short().as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SandboxError::SocketPath(paths.guest_sock_short()));
+        }
         if paths.dir.exists() {
             // A leftover of an earlier sandbox: the core asks to start, so it is dead.
             self.helper("stop", &paths).await?;
@@ -345,10 +357,16 @@ impl NamespaceDriver {
         self.write_bundle(req, &paths, root_id)?;
         let started = Instant::now();
         self.helper("start", &paths).await?;
+        let helper_done = started.elapsed();
         let init = InitProcess::read(&paths.init_pid())
             .ok_or_else(|| SandboxError::InitExited(self.guest_log_tail(&paths)))?;
         let guest = self.wait_for_guest(&paths, init, GUEST_DEADLINE).await?;
-        tracing::debug!(session = %req.session_id, elapsed = ?started.elapsed(), "sandbox ready");
+        tracing::debug!(
+            session = %req.session_id,
+            helper = ?helper_done,
+            total = ?started.elapsed(),
+            "sandbox ready"
+        );
         Ok(Sandbox {
             guest,
             init_pid: init.pid as u32,
@@ -364,14 +382,18 @@ impl NamespaceDriver {
         deadline: Duration,
     ) -> Result<Guest, SandboxError> {
         let start = Instant::now();
-        let sock = paths.guest_sock();
+        let sock = paths.guest_sock_short();
         let mut attempt = 0u32;
         loop {
             if sock.exists() {
-                if let Ok(mut guest) = berth_guest::client::connect_unix(&sock).await {
-                    if guest.health(berth_guest::proto::Empty {}).await.is_ok() {
-                        return Ok(guest);
-                    }
+                // A wedged guest must not hang the caller: bound each attempt.
+                let attempt = async {
+                    let mut guest = berth_guest::client::connect_unix(&sock).await.ok()?;
+                    guest.health(berth_guest::proto::Empty {}).await.ok()?;
+                    Some(guest)
+                };
+                if let Ok(Some(guest)) = tokio::time::timeout(HEALTH_TIMEOUT, attempt).await {
+                    return Ok(guest);
                 }
             }
             if !init.is_alive() {

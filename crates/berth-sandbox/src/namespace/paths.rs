@@ -125,6 +125,20 @@ impl SessionPaths {
     pub fn guest_sock(&self) -> PathBuf {
         self.sock_dir().join("guest.sock")
     }
+    /// A short symlink to [`Self::sock_dir`] (`run/.sock/<16 hex of sha256(id)>`): unix
+    /// socket paths are limited to 107 bytes and session ids may be 128 long, so the
+    /// host connects through this link.
+    pub fn sock_link(&self) -> PathBuf {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.id.as_bytes());
+        let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let run = self.dir.parent().unwrap_or(Path::new("/"));
+        run.join(".sock").join(name)
+    }
+    /// The path the host connects to.
+    pub fn guest_sock_short(&self) -> PathBuf {
+        self.sock_link().join("guest.sock")
+    }
     /// libcontainer's state root (`state/<session>/state.json`).
     pub fn state_root(&self) -> PathBuf {
         self.dir.join("state")
@@ -176,6 +190,10 @@ mod tests {
             Path::new("/var/lib/berth/run/abc/sock/guest.sock")
         );
         assert_eq!(s.cgroup(), "/berth/abc");
+        let long = data.session(&"x".repeat(128));
+        assert!(long.guest_sock_short().as_os_str().len() < 80);
+        assert!(long.sock_link().starts_with("/var/lib/berth/run/.sock"));
+        assert_ne!(long.sock_link(), s.sock_link());
         let back = SessionPaths::from_dir(&s.dir).expect("parse");
         assert_eq!(back.id, "abc");
         assert_eq!(
