@@ -172,6 +172,11 @@ async fn sandbox_lifecycle() {
     assert_ne!(denied.code, Some(0), "unshare is denied");
     let etc = exec(guest, &["touch", "/etc/x"]).await;
     assert_ne!(etc.code, Some(0), "/etc is read-only");
+    let status = exec(guest, &["cat", "/proc/self/status"]).await.stdout;
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    let kcore = exec(guest, &["sh", "-c", "wc -c < /proc/kcore; ls /.berth; ls /run/berth"]).await;
+    assert_eq!(kcore.stdout, "0\nberth\nguest.sock\n", "{}", kcore.stderr);
     let lo = exec(guest, &["cat", "/sys/class/net/lo/operstate"]).await;
     eprintln!("lo: {} {}", lo.stdout.trim(), lo.stderr.trim());
 

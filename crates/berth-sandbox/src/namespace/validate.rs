@@ -106,7 +106,7 @@ pub fn check(runtime: &RuntimeSpec, data_dir: &Path) -> Result<(), DriverError> 
         }
         check_target("mounts.target", &m.target)?;
         let t = Path::new(&m.target);
-        if targets.iter().any(|o| *o == t) {
+        if targets.contains(&t) {
             return Err(invalid(
                 "mounts.target",
                 format!("{:?} is used twice", m.target),
