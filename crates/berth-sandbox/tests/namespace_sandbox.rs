@@ -177,11 +177,20 @@ async fn sandbox_lifecycle() {
     assert!(status.contains("Seccomp:\t2"), "{status}");
     if std::path::Path::new("/proc/timer_list").exists() {
         let masked = exec(guest, &["wc", "-c", "/proc/timer_list"]).await;
-        assert_eq!(masked.stdout.trim(), "0 /proc/timer_list", "{}", masked.stderr);
+        assert_eq!(
+            masked.stdout.trim(),
+            "0 /proc/timer_list",
+            "{}",
+            masked.stderr
+        );
     }
     if std::path::Path::new("/etc/ssl/private").exists() {
         let private = exec(guest, &["ls", "-A", "/etc/ssl/private"]).await;
-        assert_eq!((private.code, private.stdout.as_str()), (Some(0), ""), "masked dir");
+        assert_eq!(
+            (private.code, private.stdout.as_str()),
+            (Some(0), ""),
+            "masked dir"
+        );
     }
     let ours = exec(guest, &["sh", "-c", "ls /.berth; ls /run/berth"]).await;
     assert_eq!(ours.stdout, "berth\nguest.sock\n", "{}", ours.stderr);
@@ -284,4 +293,63 @@ async fn start_latency() {
     );
     assert!(times[2] < Duration::from_secs(5));
     assert_no_leaks(tmp.path(), &session);
+}
+
+/// A directory image: `/usr` is a root filesystem good enough for the guest (it holds
+/// `lib64`, `lib` and `bin`), and exercises mount-target creation in a foreign tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_image() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping namespace sandbox test: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = NamespaceConfig::new(tmp.path(), berth_exe().expect("berth"));
+    let driver = NamespaceDriver::new(config).expect("driver");
+    let session = format!("dir-{}", std::process::id());
+    let mut req = request(&session, 5);
+    req.runtime.image = "/usr".into();
+    let sandbox = driver.start(&req).await.expect("start");
+    let out = exec(
+        &sandbox.guest,
+        &[
+            "/bin/sh",
+            "-c",
+            "test -e /etc/passwd || echo no-host-etc; touch /mnt/workspace/a /new && echo ok",
+        ],
+    )
+    .await;
+    assert!(out.stdout.contains("ok"), "{} {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("no-host-etc"), "{}", out.stdout);
+    driver.stop(&session).await.expect("stop");
+    assert_no_leaks(tmp.path(), &session);
+}
+
+/// A sandbox whose init died (crash, OOM of the guest) is cleaned up by `adopt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_sandbox_is_cleaned_up() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping namespace sandbox test: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = NamespaceConfig::new(tmp.path(), berth_exe().expect("berth"));
+    let driver = NamespaceDriver::new(config).expect("driver");
+    let session = format!("dead-{}", std::process::id());
+    let req = request(&session, 6);
+    let sandbox = driver.start(&req).await.expect("start");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sandbox.init_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill init");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while driver.is_alive(&session).await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!driver.is_alive(&session).await);
+    assert_eq!(driver.leftovers().await, vec![session.clone()]);
+    assert!(driver.adopt(&req).await.expect("adopt").is_none());
+    assert_no_leaks(tmp.path(), &session);
+    assert!(driver.leftovers().await.is_empty());
 }
