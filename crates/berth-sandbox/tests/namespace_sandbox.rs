@@ -146,6 +146,21 @@ async fn sandbox_lifecycle() {
     );
     let host = exec(guest, &["hostname"]).await;
     assert_eq!(host.stdout.trim(), &session[..63]);
+    let etc = exec(
+        guest,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/hostname; grep -c localhost /etc/hosts",
+        ],
+    )
+    .await;
+    assert_eq!(
+        etc.stdout,
+        format!("{}\n2\n", &session[..63]),
+        "{}",
+        etc.stderr
+    );
     let ls = exec(guest, &["ls", "-A", "/root", "/home"]).await;
     assert_eq!(ls.code, Some(0), "{}", ls.stderr);
     assert_eq!(

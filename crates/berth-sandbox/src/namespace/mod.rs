@@ -247,6 +247,7 @@ impl NamespaceDriver {
             berth_exe: self.guest_exe.clone(),
             sock_dir: paths.sock_dir(),
             workspace_source: paths.workspace(),
+            etc_dir: paths.etc(),
             workspace_path: rt.workspace_path.clone(),
             mounts: rt
                 .mounts
@@ -269,6 +270,8 @@ impl NamespaceDriver {
         let host = rt.image == IMAGE_HOST;
         let mut targets = vec![
             (GUEST_EXE.to_string(), true),
+            ("/etc/hosts".to_string(), true),
+            ("/etc/hostname".to_string(), true),
             (rt.workspace_path.clone(), false),
         ];
         for m in &rt.mounts {
@@ -333,6 +336,15 @@ impl NamespaceDriver {
             .mode(0o700)
             .create(paths.bundle())
             .map_err(prep(&paths.bundle()))?;
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(paths.etc())
+            .map_err(prep(&paths.etc()))?;
+        let hosts = paths.etc().join("hosts");
+        fs::write(&hosts, spec::etc_hosts(&req.session_id)).map_err(prep(&hosts))?;
+        let hostname = paths.etc().join("hostname");
+        fs::write(&hostname, format!("{}\n", spec::hostname(&req.session_id)))
+            .map_err(prep(&hostname))?;
         let config = spec::config(&self.spec_input(req, paths, root_id));
         fs::write(paths.config_json(), config.to_string()).map_err(prep(&paths.config_json()))?;
         let plan = serde_json::to_vec(&self.plan(req, root_id)).unwrap_or_default();

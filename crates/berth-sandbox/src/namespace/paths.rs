@@ -118,6 +118,10 @@ impl SessionPaths {
     pub fn workspace(&self) -> PathBuf {
         self.dir.join("workspace")
     }
+    /// `hosts` and `hostname` bind-mounted over the image's `/etc` ones.
+    pub fn etc(&self) -> PathBuf {
+        self.dir.join("etc")
+    }
     /// Bind-mounted at `/run/berth` inside the sandbox.
     pub fn sock_dir(&self) -> PathBuf {
         self.dir.join("sock")

@@ -93,12 +93,20 @@ pub struct SpecInput {
     pub berth_exe: PathBuf,
     pub sock_dir: PathBuf,
     pub workspace_source: PathBuf,
+    /// Per-session `/etc/hosts` and `/etc/hostname` (the host's name the sandbox's).
+    pub etc_dir: PathBuf,
     pub workspace_path: String,
     pub mounts: Vec<BindMount>,
     pub env: BTreeMap<String, String>,
     pub cpus: Option<f64>,
     pub memory: u64,
     pub pids: u64,
+}
+
+/// `/etc/hosts` naming the sandbox so tools that resolve their own hostname work.
+pub fn etc_hosts(session: &str) -> String {
+    let name = hostname(session);
+    format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback {name}\n")
 }
 
 /// Linux limits `hostname` to 64 bytes; keep 63 like `HOST_NAME_MAX` users expect.
@@ -156,6 +164,13 @@ fn mounts(input: &SpecInput) -> Vec<Value> {
     ];
     for dir in &input.host_dirs {
         m.push(bind(dir, &dir.to_string_lossy(), true, &[]));
+    }
+    for file in ["hosts", "hostname"] {
+        let target = format!("/etc/{file}");
+        m.push(
+            json!({"destination": target, "type": "bind", "source": input.etc_dir.join(file),
+                      "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}),
+        );
     }
     m.push(tmpfs("/tmp", "1777", &[]));
     m.push(tmpfs("/var/tmp", "1777", &[]));
@@ -259,6 +274,7 @@ mod tests {
             berth_exe: "/opt/berth".into(),
             sock_dir: "/d/run/s/sock".into(),
             workspace_source: "/d/run/s/workspace".into(),
+            etc_dir: "/d/run/s/etc".into(),
             workspace_path: "/mnt/workspace".into(),
             mounts: vec![BindMount {
                 source: "/srv/skills".into(),
@@ -311,6 +327,7 @@ mod tests {
         let pos = |d: &str| dests.iter().position(|x| x == d).expect(d);
         assert!(pos("/run") < pos(GUEST_SOCK_DIR));
         assert!(pos("/usr") < pos("/tmp"));
+        assert!(pos("/etc") < pos("/etc/hosts"));
         assert!(pos("/mnt/workspace") < pos("/skills"));
         assert_eq!(pos("/proc"), 0);
     }
