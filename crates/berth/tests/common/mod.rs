@@ -44,7 +44,7 @@ pub fn uniq(prefix: &str) -> String {
 }
 
 /// What a command run through the API produced.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Output {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -54,6 +54,27 @@ pub struct Output {
     pub command_id: Option<String>,
     /// An `error` event, if the stream carried one.
     pub error: Option<berth_api::ApiError>,
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn text(b: &[u8]) -> String {
+            let s = String::from_utf8_lossy(b);
+            if s.len() > 2000 {
+                format!("{}… ({} bytes)", &s[..s.floor_char_boundary(2000)], b.len())
+            } else {
+                s.into_owned()
+            }
+        }
+        f.debug_struct("Output")
+            .field("code", &self.code)
+            .field("signal", &self.signal)
+            .field("timed_out", &self.timed_out)
+            .field("error", &self.error)
+            .field("stdout", &text(&self.stdout))
+            .field("stderr", &text(&self.stderr))
+            .finish()
+    }
 }
 
 impl Output {
