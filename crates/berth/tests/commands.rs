@@ -1,0 +1,206 @@
+//! Command execution: byte-exact output, timeouts and disconnects kill the process group.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use berth_api::{CommandEvent, CommandRequest};
+use common::{uniq, Server};
+use futures::StreamExt;
+use sha2::Digest;
+
+#[tokio::test]
+async fn binary_output_of_100_mib_arrives_intact() {
+    let Some(s) = Server::start("binary_output_of_100_mib_arrives_intact").await else {
+        return;
+    };
+    let rt = s.runtime(&uniq("rt"), |r| r.workspace_size = 256 << 20).await;
+    let session = s.session(&uniq("blob"), &rt).await;
+    let mut stream = s
+        .client
+        .run_command(
+            &session,
+            &CommandRequest {
+                command: Some("head -c 100M /dev/urandom | tee /mnt/workspace/blob".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("run");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut hash = sha2::Sha256::new();
+    let mut len = 0u64;
+    let mut exit = None;
+    while let Some(ev) = stream.next().await {
+        match ev.expect("event") {
+            CommandEvent::Stdout { data } => {
+                let bytes = b64.decode(data).expect("base64");
+                len += bytes.len() as u64;
+                hash.update(&bytes);
+            }
+            CommandEvent::Exit { code, .. } => exit = Some(code),
+            CommandEvent::Stderr { data } => {
+                panic!("stderr: {:?}", String::from_utf8_lossy(&b64.decode(data).expect("b64")))
+            }
+            CommandEvent::Error { error } => panic!("error event: {error:?}"),
+            CommandEvent::Started { .. } => {}
+        }
+    }
+    assert_eq!(exit, Some(Some(0)));
+    assert_eq!(len, 100 << 20, "byte count");
+    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let inside = s.exec(&session, "sha256sum /mnt/workspace/blob").await.ok().out();
+    assert_eq!(inside.split_whitespace().next(), Some(got.as_str()), "sha256 differs");
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_process_group() {
+    let Some(s) = Server::start("a_timeout_kills_the_whole_process_group").await else {
+        return;
+    };
+    let session = uniq("timeout");
+    let o = s
+        .exec_req(
+            &session,
+            CommandRequest {
+                command: Some("sleep 100 & sleep 100".into()),
+                timeout_s: Some(1.0),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(o.timed_out, "{o:?}");
+    assert_eq!(o.code, None, "{o:?}");
+    assert!(o.signal.is_some(), "killed by a signal: {o:?}");
+    // The backgrounded sleep went with the group.
+    common::poll("every sleep to be gone", || async {
+        let o = s.exec(&session, "pgrep -l sleep").await;
+        (o.code == Some(1)).then_some(())
+    })
+    .await;
+    // A timeout that does not fire changes nothing.
+    let o = s
+        .exec_req(
+            &session,
+            CommandRequest {
+                command: Some("echo quick".into()),
+                timeout_s: Some(30.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok();
+    assert!(!o.timed_out);
+    assert_eq!(o.out(), "quick\n");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_kills_the_command() {
+    let Some(s) = Server::start("a_client_that_disconnects_kills_the_command").await else {
+        return;
+    };
+    let session = uniq("disconnect");
+    s.exec(&session, "true").await.ok();
+    let mut stream = s
+        .client
+        .run_command(
+            &session,
+            &CommandRequest {
+                command: Some("sleep 1000.5 & echo started; sleep 1000.25".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("run");
+    // Wait for the command to run, then hang up.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("started") {
+        match tokio::time::timeout(common::DEADLINE, stream.next()).await {
+            Ok(Some(Ok(CommandEvent::Stdout { data }))) => out.extend(b64.decode(data).expect("b64")),
+            Ok(Some(Ok(CommandEvent::Started { .. }))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let running = s.exec(&session, "pgrep -f 'sleep 1000'").await;
+    assert_eq!(running.code, Some(0), "the command runs before the disconnect");
+    drop(stream);
+    common::poll("the disconnected command's processes to be gone", || async {
+        let o = s.exec(&session, "pgrep -f 'sleep 1000'").await;
+        (o.code == Some(1)).then_some(())
+    })
+    .await;
+    // The CLI: killing `berth exec` hangs up too.
+    let mut child = s
+        .cli_command(&["exec", "-s", &session, "--", "sh", "-c", "echo cli-started; sleep 1000.75"])
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 64];
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(common::DEADLINE, stdout.read(&mut buf))
+        .await
+        .expect("cli output")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("cli-started"));
+    child.kill().await.expect("kill cli");
+    common::poll("the CLI's command to be gone", || async {
+        let o = s.exec(&session, "pgrep -f 'sleep 1000.75'").await;
+        (o.code == Some(1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_gets_everything_and_stdin_cwd_env_work() {
+    let Some(s) = Server::start("a_slow_reader_gets_everything_and_stdin_cwd_env_work").await else {
+        return;
+    };
+    let session = uniq("slow");
+    let mut stream = s
+        .client
+        .run_command(
+            &session,
+            &CommandRequest {
+                command: Some("seq 1 200000".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("run");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    let mut n = 0;
+    let mut code = None;
+    while let Some(ev) = stream.next().await {
+        n += 1;
+        if n % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match ev.expect("event") {
+            CommandEvent::Stdout { data } => out.extend(b64.decode(data).expect("b64")),
+            CommandEvent::Exit { code: c, .. } => code = c,
+            _ => {}
+        }
+    }
+    assert_eq!(code, Some(0));
+    let expected: String = (1..=200000).map(|i| format!("{i}\n")).collect();
+    assert!(out == expected.as_bytes(), "seq output differs ({} bytes)", out.len());
+
+    let o = s
+        .exec_req(
+            &session,
+            CommandRequest {
+                argv: Some(vec!["sh".into(), "-c".into(), "pwd; echo \"$GREETING\"; cat".into()]),
+                cwd: Some("/tmp".into()),
+                env: [("GREETING".to_string(), "hi there".to_string())].into(),
+                stdin_b64: Some(b64.encode(b"\x00\x01binary\xff")),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok();
+    assert_eq!(o.stdout, b"/tmp\nhi there\n\x00\x01binary\xff");
+}
