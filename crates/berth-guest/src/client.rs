@@ -7,6 +7,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::guest_client::GuestClient;
 
+const MAX_FRAME: u32 = 1 << 20;
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// A connected guest. Cheap to clone; all clones share one HTTP/2 connection.
 pub type Guest = GuestClient<Channel>;
 
@@ -24,6 +28,12 @@ pub async fn connect_unix(path: &Path) -> Result<Guest, ConnectError> {
     // The URI is required by the HTTP/2 layer but never resolved: the connector below
     // always dials the socket.
     let channel = Endpoint::from_static("http://guest.berth")
+        // Bulk output (command stdout, file reads) flows guest → host: let the guest
+        // send large frames and keep several chunks in flight per round trip. The
+        // windows also bound what one stream can make us buffer.
+        .max_frame_size(Some(MAX_FRAME))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move {

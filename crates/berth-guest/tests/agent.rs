@@ -42,15 +42,26 @@ impl TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("guest.sock");
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "agent_process", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "agent_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(ENTRY_ENV, &socket)
-            .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or("warn".into()))
+            .env(
+                "BERTH_LOG",
+                std::env::var("BERTH_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         let begin = Instant::now();
         while !socket.exists() {
-            assert!(begin.elapsed() < Duration::from_secs(60), "agent never listened");
+            assert!(
+                begin.elapsed() < Duration::from_secs(60),
+                "agent never listened"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         TestAgent { child, dir, socket }
@@ -156,7 +167,11 @@ fn vm_rss_kib(pid: u32) -> u64 {
 async fn exit_code_and_output_streams() {
     let agent = TestAgent::start();
     let mut guest = agent.connect().await;
-    let r = run(&mut guest, sh("echo out; echo err >&2; printf more; exit 3")).await;
+    let r = run(
+        &mut guest,
+        sh("echo out; echo err >&2; printf more; exit 3"),
+    )
+    .await;
     assert_eq!(r.stdout, b"out\nmore");
     assert_eq!(r.stderr, b"err\n");
     let e = r.exited.unwrap();
@@ -223,7 +238,10 @@ async fn exec_errors_are_clear() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // The agent is still fine afterwards.
-    assert_eq!(run(&mut guest, sh("exit 0")).await.exited.unwrap().code, Some(0));
+    assert_eq!(
+        run(&mut guest, sh("exit 0")).await.exited.unwrap().code,
+        Some(0)
+    );
 }
 
 #[tokio::test]
@@ -267,7 +285,11 @@ async fn stdin_signal_and_clean_end() {
     })
     .await
     .unwrap();
-    let out = guest.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let out = guest
+        .exec(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let r = collect(out).await;
     drop(tx);
     assert_eq!(r.stdout, b"hello worldend\n");
@@ -282,7 +304,11 @@ async fn stdin_signal_and_clean_end() {
             kind: Some(exec_input::Kind::Stdin(Bytes::from_static(b"abc"))),
         },
     ];
-    let out = guest.exec(tokio_stream::iter(input)).await.unwrap().into_inner();
+    let out = guest
+        .exec(tokio_stream::iter(input))
+        .await
+        .unwrap()
+        .into_inner();
     let r = collect(out).await;
     assert_eq!(r.stdout, b"abcok\n");
     assert_eq!(r.exited.unwrap().code, Some(0));
@@ -290,7 +316,11 @@ async fn stdin_signal_and_clean_end() {
     // Signals reach the process group.
     let (tx, rx) = mpsc::channel(8);
     tx.send(start_msg(sh("sleep 1000"))).await.unwrap();
-    let mut out = guest.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = guest
+        .exec(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let first = out.message().await.unwrap().unwrap();
     assert!(matches!(first.kind, Some(exec_output::Kind::Started(_))));
     tx.send(ExecInput {
@@ -331,7 +361,11 @@ async fn cancel_kills_the_process() {
     }))
     .await
     .unwrap();
-    let mut out = guest.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = guest
+        .exec(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let pid = match out.message().await.unwrap().unwrap().kind {
         Some(exec_output::Kind::Started(s)) => s.pid as i32,
         other => panic!("unexpected {other:?}"),
@@ -374,7 +408,11 @@ async fn shutdown_exits_the_agent() {
     let mut guest = agent.connect().await;
     let (tx, rx) = mpsc::channel(8);
     tx.send(start_msg(sh("sleep 1000"))).await.unwrap();
-    let mut out = guest.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = guest
+        .exec(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let pid = match out.message().await.unwrap().unwrap().kind {
         Some(exec_output::Kind::Started(s)) => s.pid as i32,
         other => panic!("unexpected {other:?}"),
@@ -398,7 +436,11 @@ async fn slow_reader_keeps_memory_bounded() {
     let mut guest = agent.connect().await;
     let (tx, rx) = mpsc::channel(8);
     tx.send(start_msg(sh("cat /dev/zero"))).await.unwrap();
-    let mut out = guest.exec(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = guest
+        .exec(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let mut pid = 0;
     let mut received = 0usize;
     let mut max_rss = 0;
@@ -413,9 +455,7 @@ async fn slow_reader_keeps_memory_bounded() {
             max_rss = max_rss.max(vm_rss_kib(agent.pid()));
         }
     }
-    eprintln!(
-        "slow reader: received {received} bytes, agent max VmRSS {max_rss} KiB"
-    );
+    eprintln!("slow reader: received {received} bytes, agent max VmRSS {max_rss} KiB");
     assert!(max_rss < 64 * 1024, "agent RSS {max_rss} KiB");
     drop(out);
     drop(tx);
@@ -520,7 +560,9 @@ async fn file_round_trip() {
     let err = read_file(&mut guest, &missing, false).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("missing"), "{err}");
-    let err = read_file(&mut guest, &agent.path("a"), false).await.unwrap_err();
+    let err = read_file(&mut guest, &agent.path("a"), false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("tar"), "{err}");
     let err = guest.stat(path_req(&missing)).await.unwrap_err();
@@ -548,7 +590,12 @@ async fn tar_round_trip_keeps_symlinks() {
         .into_iter()
         .map(|e| (e.name, e.kind))
         .collect();
-    let expect = [("a.txt", "file"), ("abs-link", "symlink"), ("sub", "dir"), ("z.txt", "file")];
+    let expect = [
+        ("a.txt", "file"),
+        ("abs-link", "symlink"),
+        ("sub", "dir"),
+        ("z.txt", "file"),
+    ];
     let expect: Vec<(String, String)> = expect
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -584,7 +631,10 @@ async fn tar_round_trip_keeps_symlinks() {
         vec![42u8; 700_000]
     );
     let link = out.join("sub/link");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("../a.txt"));
     assert_eq!(
         std::fs::read_link(out.join("abs-link")).unwrap(),
@@ -592,11 +642,15 @@ async fn tar_round_trip_keeps_symlinks() {
     );
 
     // A single file as tar, and a symlink as tar stays a symlink.
-    let archive = read_file(&mut guest, &src.join("z.txt"), true).await.unwrap();
+    let archive = read_file(&mut guest, &src.join("z.txt"), true)
+        .await
+        .unwrap();
     let mut ar = tar::Archive::new(archive.as_slice());
     let entry = ar.entries().unwrap().next().unwrap().unwrap();
     assert_eq!(entry.path().unwrap(), Path::new("z.txt"));
-    let archive = read_file(&mut guest, &src.join("abs-link"), true).await.unwrap();
+    let archive = read_file(&mut guest, &src.join("abs-link"), true)
+        .await
+        .unwrap();
     let mut ar = tar::Archive::new(archive.as_slice());
     let entry = ar.entries().unwrap().next().unwrap().unwrap();
     assert!(entry.header().entry_type().is_symlink());
@@ -666,6 +720,8 @@ async fn throughput() {
     let agent = TestAgent::start();
     let mut guest = agent.connect().await;
     for _ in 0..3 {
+        let agent_cpu = cpu_secs(agent.pid());
+        let client_cpu = cpu_secs(std::process::id());
         let begin = Instant::now();
         let input = tokio_stream::iter(vec![start_msg(sh("head -c 1G /dev/zero"))]);
         let mut out = guest.exec(input).await.unwrap().into_inner();
@@ -679,9 +735,29 @@ async fn throughput() {
         }
         let secs = begin.elapsed().as_secs_f64();
         assert_eq!(bytes, 1 << 30);
+        let agent_cpu = cpu_secs(agent.pid()) - agent_cpu;
+        let client_cpu = cpu_secs(std::process::id()) - client_cpu;
         println!(
-            "exec stdout: {bytes} bytes in {secs:.3} s = {:.2} GB/s ({chunks} chunks)",
+            "exec stdout: {bytes} bytes in {secs:.3} s = {:.2} GB/s ({chunks} chunks); \
+             cpu: agent+command {agent_cpu:.2} s, client {client_cpu:.2} s",
             bytes as f64 / secs / 1e9
         );
     }
+}
+
+/// utime + stime + reaped children's, in seconds (assumes 100 ticks per second).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // Fields after the command name start at field 3 (state); utime is field 14.
+    let ticks: u64 = fields[11..15]
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap())
+        .sum();
+    ticks as f64 / 100.0
 }

@@ -147,11 +147,7 @@ struct Pipes {
     capacity: usize,
 }
 
-fn open_pipes(
-    stdin: Option<OwnedFd>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-) -> std::io::Result<Pipes> {
+fn open_pipes(stdin: Option<OwnedFd>, stdout: OwnedFd, stderr: OwnedFd) -> std::io::Result<Pipes> {
     let mut capacity = 0;
     for fd in [&stdout, &stderr] {
         // Best effort: unprivileged users are capped by /proc/sys/fs/pipe-max-size.
@@ -189,7 +185,13 @@ async fn drive(
     timeout: Option<Duration>,
 ) {
     let started = exec_output::Kind::Started(Started { pid: pid as u32 });
-    if tx.send(Ok(ExecOutput { kind: Some(started) })).await.is_err() {
+    if tx
+        .send(Ok(ExecOutput {
+            kind: Some(started),
+        }))
+        .await
+        .is_err()
+    {
         tracing::debug!(pid, "exec cancelled before start was sent");
         kill_group(pid);
         return;
@@ -347,7 +349,10 @@ async fn read_input(mut input: Streaming<ExecInput>, mut stdin: Option<pipe::Sen
             Ok(Some(msg)) => msg,
             Ok(None) => return,
             Err(status) => {
-                tracing::debug!(pid, "exec input failed ({status}); killing its process group");
+                tracing::debug!(
+                    pid,
+                    "exec input failed ({status}); killing its process group"
+                );
                 kill_group(pid);
                 return;
             }
