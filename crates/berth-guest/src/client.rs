@@ -7,9 +7,16 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::guest_client::GuestClient;
 
+/// Largest HTTP/2 frame the guest may send us (a whole output chunk fits in one).
 const MAX_FRAME: u32 = 1 << 20;
+/// Receive window per stream: how much output may be in flight to us per call. This is
+/// the bound on what one call that we read slowly can make us buffer.
 const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Receive window for the whole connection: deliberately (almost) unlimited. A stream
+/// we do not read keeps its share of this window until we do, so a small connection
+/// window would let a few stalled calls block every other call on the connection;
+/// memory is bounded per stream by `STREAM_WINDOW` instead.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// A connected guest. Cheap to clone; all clones share one HTTP/2 connection.
 pub type Guest = GuestClient<Channel>;

@@ -761,3 +761,75 @@ fn cpu_secs(pid: u32) -> f64 {
         .sum();
     ticks as f64 / 100.0
 }
+
+/// Streams the host is not reading must not starve the others on the same connection
+/// (HTTP/2 connection-level flow control).
+#[tokio::test]
+async fn stalled_streams_do_not_block_others() {
+    let agent = TestAgent::start();
+    let mut guest = agent.connect().await;
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(start_msg(sh("cat /dev/zero"))).await.unwrap();
+        let out = guest
+            .exec(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        stalled.push((tx, out));
+    }
+    // Give them time to fill every window they can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let check = async {
+        guest.health(Empty {}).await.unwrap();
+        run(&mut guest, sh("echo alive")).await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(30), check)
+        .await
+        .expect("a stalled stream blocked the connection");
+    assert_eq!(r.stdout, b"alive\n");
+    drop(stalled);
+}
+
+/// Orphans (re-parented to the agent) are reaped: no zombies accumulate.
+#[tokio::test]
+async fn orphans_are_reaped() {
+    let agent = TestAgent::start();
+    let mut guest = agent.connect().await;
+    for _ in 0..5 {
+        // The backgrounded sleep outlives its shell and is re-parented to the agent.
+        let r = run(&mut guest, sh("sleep 0.2 >/dev/null 2>&1 & exit 0")).await;
+        assert_eq!(r.exited.unwrap().code, Some(0));
+    }
+    let agent_pid = agent.pid().to_string();
+    let mut zombies = Vec::new();
+    for _ in 0..500 {
+        zombies = children_in_state(&agent_pid, 'Z');
+        let all = children_in_state(&agent_pid, '*');
+        if zombies.is_empty() && all.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(zombies.is_empty(), "zombie children: {zombies:?}");
+}
+
+/// Pids whose parent is `ppid` and whose state is `state` (`*` = any).
+fn children_in_state(ppid: &str, state: char) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let s = fields[0].chars().next().unwrap_or('?');
+        if fields[1] == ppid && (state == '*' || s == state) {
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}

@@ -31,10 +31,13 @@ use crate::proto::{
 };
 use reaper::Reaper;
 
-/// HTTP/2 receive windows: large enough that stdin and file uploads are not throttled by
-/// round trips, small enough to bound what one stream can make the agent buffer.
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 8 << 20;
+/// HTTP/2 receive window per stream: large enough that stdin and file uploads are not
+/// throttled by round trips, small enough to bound what one stream can make the agent
+/// buffer (e.g. stdin for a process that does not read it).
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Receive window for the whole connection: (almost) unlimited, so that a stalled stream
+/// cannot block the others; memory is bounded per stream by `STREAM_WINDOW`.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// How long `Shutdown` waits after replying before the process exits.
 const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
 
