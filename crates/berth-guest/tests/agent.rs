@@ -39,9 +39,23 @@ struct TestAgent {
 
 impl TestAgent {
     fn start() -> TestAgent {
+        Self::start_with(&[])
+    }
+
+    /// Start the agent under `wrapper` (e.g. `unshare ...`), or directly if it is empty.
+    fn start_with(wrapper: &[&str]) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("guest.sock");
-        let child = Command::new(std::env::current_exe().unwrap())
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(exe);
+                cmd
+            }
+            None => Command::new(exe),
+        };
+        let child = cmd
             .args([
                 "--exact",
                 "agent_process",
@@ -832,4 +846,73 @@ fn children_in_state(ppid: &str, state: char) -> Vec<String> {
         }
     }
     out
+}
+
+/// The agent as PID 1 of fresh user, pid, net and mount namespaces (skipped where
+/// unprivileged user namespaces are unavailable): lo comes up, CAP_NET_ADMIN is gone
+/// from commands, orphans are reaped by PID 1.
+#[tokio::test]
+async fn pid1_in_fresh_namespaces() {
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "true"])
+        .status();
+    if !probe.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("skipped: cannot create user and network namespaces here");
+        return;
+    }
+    let agent = TestAgent::start_with(&[
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--pid",
+        "--net",
+        "--mount",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+    ]);
+    let mut guest = agent.connect().await;
+    assert_eq!(guest.health(Empty {}).await.unwrap().into_inner().pid, 1);
+
+    let r = run(&mut guest, sh("grep CapBnd /proc/self/status")).await;
+    let out = String::from_utf8(r.stdout).unwrap();
+    let bnd = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    const CAP_NET_ADMIN: u64 = 12;
+    assert_eq!(
+        bnd & (1 << CAP_NET_ADMIN),
+        0,
+        "CAP_NET_ADMIN still bounded: {out}"
+    );
+    assert_ne!(bnd, 0, "other capabilities were dropped too: {out}");
+
+    // lo is up: something can listen on and connect to 127.0.0.1.
+    if Command::new("python3").arg("-V").output().is_ok() {
+        let script = "python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\",0)); \
+                      s.listen(); c=socket.create_connection(s.getsockname()); print(\"lo ok\")'";
+        let r = run(&mut guest, sh(script)).await;
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            "lo ok\n",
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+
+    // Orphans are reaped by PID 1.
+    let r = run(&mut guest, sh("sleep 0.1 & exit 0")).await;
+    assert_eq!(r.exited.unwrap().code, Some(0));
+    let zombies = "sleep 0.5; for p in /proc/[0-9]*; do \
+                   grep -q '^State:.*Z' $p/status 2>/dev/null && echo $p; done; true";
+    let r = run(&mut guest, sh(zombies)).await;
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "",
+        "zombies in the sandbox"
+    );
+
+    guest.shutdown(Empty {}).await.unwrap();
 }
