@@ -248,6 +248,28 @@ impl Server {
         }
     }
 
+    /// SIGTERM the server without blocking the async runtime (so that streams this
+    /// test still holds keep being served); returns whether it exited in time.
+    pub async fn stop_server_async(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
     /// Start the server again on the same data dir and port.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the server first");
@@ -460,6 +482,12 @@ pub fn host_leftovers(data_dir: &Path, session: Option<&str>) -> Vec<String> {
                     hit.push(format!("cmdline={cmd}"));
                 }
             }
+            if let Some(session) = session {
+                let cg = std::fs::read_to_string(p.join("cgroup")).unwrap_or_default();
+                if cg.lines().any(|l| l.ends_with(&format!("/berth/{session}"))) {
+                    hit.push(format!("in cgroup /berth/{session}"));
+                }
+            }
             if !hit.is_empty() {
                 found.push(format!("process {name}: {}", hit.join(", ")));
             }
@@ -509,6 +537,7 @@ impl Drop for Server {
                 self.log_text()
             );
         }
+        force_cleanup(&self.data_dir);
         // Never let the recursive removal of the temp dir descend into a mount that
         // leaked (a workspace, an overlay or a bind of a host directory): detach them
         // first and keep the directory if that fails.
@@ -522,6 +551,68 @@ impl Drop for Server {
                 eprintln!("leaving {} behind: mounts remain", root.path().display());
                 let _ = root.keep();
             }
+        }
+    }
+}
+
+/// Sessions this data dir has sandbox state for (`run/<session>`) or workspaces of.
+fn sessions_of(data_dir: &Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    for sub in ["run", "workspaces"] {
+        if let Ok(entries) = std::fs::read_dir(data_dir.join(sub)) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let n = n.strip_suffix(".ext4").unwrap_or(&n).to_string();
+                if !ids.contains(&n) {
+                    ids.push(n);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Whatever a failed test's server left behind (it was SIGKILLed, or it leaked):
+/// kill the sandboxes' processes, remove their cgroups, detach loop devices and mounts,
+/// so that one failing test does not burden the others.
+pub fn force_cleanup(data_dir: &Path) {
+    let sessions = sessions_of(data_dir);
+    let mut left = host_leftovers(data_dir, None);
+    for id in &sessions {
+        left.extend(cgroups_named(id).iter().map(|c| format!("cgroup {}", c.display())));
+    }
+    if left.is_empty() {
+        return;
+    }
+    eprintln!("harness: cleaning up after the server: {left:#?}");
+    for id in &sessions {
+        for _ in 0..50 {
+            let mut any = false;
+            for cg in cgroups_named(id) {
+                let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    any = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if !any {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for cg in cgroups_named(id) {
+            let _ = std::fs::remove_dir(&cg);
+        }
+    }
+    for m in mounts_under(data_dir).into_iter().rev() {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    for l in host_leftovers(data_dir, None) {
+        if let Some(dev) = l.strip_prefix("loop device ").and_then(|r| r.split(' ').next()) {
+            let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{dev}")).status();
         }
     }
 }

@@ -1,0 +1,696 @@
+//! The six benchmarks. Each adds its figures (and component timings that explain them)
+//! to the report.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+use berth_api::{CommandEvent, CommandRequest};
+use futures::StreamExt;
+
+use crate::host;
+use crate::report::{num, Figure, Target};
+use crate::server::Server;
+use crate::Ctx;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn argv(args: &[&str]) -> CommandRequest {
+    CommandRequest {
+        argv: Some(args.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
+    }
+}
+
+/// Timings and output of one command, measured from just before the request is sent.
+struct Timed {
+    started: Duration,
+    exit: Duration,
+    stdout: Vec<u8>,
+}
+
+/// Run `req` in `session` and time the `started` and `exit` events; a non-zero exit, an
+/// `error` event or a missing event is an error.
+async fn timed(ctx: &Ctx, session: &str, req: &CommandRequest) -> Result<Timed> {
+    let t0 = Instant::now();
+    let mut events = ctx
+        .client
+        .run_command(session, req)
+        .await
+        .with_context(|| format!("command in session {session} failed"))?;
+    let mut started = None;
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    while let Some(ev) = events.next().await {
+        let ev = ev.with_context(|| format!("event stream of session {session} broke"))?;
+        match ev {
+            CommandEvent::Started { .. } => started = Some(t0.elapsed()),
+            CommandEvent::Stdout { data } => b64
+                .decode_vec(data, &mut stdout)
+                .context("stdout event is not base64")?,
+            CommandEvent::Stderr { data } => b64
+                .decode_vec(data, &mut stderr)
+                .context("stderr event is not base64")?,
+            CommandEvent::Exit {
+                code,
+                signal,
+                timed_out,
+                ..
+            } => {
+                let exit = t0.elapsed();
+                let started = started
+                    .ok_or_else(|| anyhow!("session {session}: exit arrived before started"))?;
+                if code != Some(0) {
+                    bail!(
+                        "session {session}: command exited with code {code:?} signal {signal:?} \
+                         timed_out {timed_out}; stderr: {}",
+                        String::from_utf8_lossy(&stderr)
+                    );
+                }
+                return Ok(Timed {
+                    started,
+                    exit,
+                    stdout,
+                });
+            }
+            CommandEvent::Error { error } => {
+                bail!("session {session}: error event: {} ({:?})", error.message, error.code)
+            }
+        }
+    }
+    bail!("session {session}: event stream ended without an exit event")
+}
+
+/// `sandbox ready` debug lines of the server log: session id → (helper, total) for
+/// every sandbox start, in order.
+fn sandbox_ready_lines(log: &str) -> BTreeMap<String, Vec<(Duration, Duration)>> {
+    let mut out: BTreeMap<String, Vec<(Duration, Duration)>> = BTreeMap::new();
+    for line in log.lines() {
+        let line = strip_ansi(line);
+        if !line.contains("sandbox ready") {
+            continue;
+        }
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(str::to_string)
+        };
+        let (Some(session), Some(helper), Some(total)) =
+            (field("session="), field("helper="), field("total="))
+        else {
+            continue;
+        };
+        if let (Some(h), Some(t)) = (parse_debug_duration(&helper), parse_debug_duration(&total))
+        {
+            out.entry(session).or_default().push((h, t));
+        }
+    }
+    out
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Parse `Duration`'s `Debug` form: `12.3ms`, `1.5s`, `950µs`, `80ns`.
+fn parse_debug_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "ms" => n / 1e3,
+        "µs" | "us" => n / 1e6,
+        "ns" => n / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+pub(crate) async fn run_all(
+    ctx: &Ctx,
+    server: &Server,
+    figures: &mut Vec<Figure>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    if ctx.enabled("new") {
+        eprintln!("berth-bench: new session ({} runs)", ctx.args.runs);
+        new_session(ctx, server, figures).await.context("new-session benchmark")?;
+    }
+    if ctx.enabled("rtt") {
+        eprintln!("berth-bench: round trip ({} runs)", ctx.args.runs);
+        round_trip(ctx, figures).await.context("round-trip benchmark")?;
+    }
+    if ctx.enabled("resume") {
+        eprintln!("berth-bench: resume ({} runs)", ctx.args.runs);
+        resume(ctx, server, figures).await.context("resume benchmark")?;
+    }
+    if ctx.enabled("throughput") {
+        eprintln!("berth-bench: throughput ({} runs)", ctx.args.throughput_runs);
+        throughput(ctx, figures).await.context("throughput benchmark")?;
+    }
+    if ctx.enabled("memory") {
+        eprintln!("berth-bench: memory ({} sandboxes)", ctx.args.memory_sandboxes);
+        memory(ctx, figures, notes).await.context("memory benchmark")?;
+    }
+    if ctx.enabled("concurrency") {
+        eprintln!(
+            "berth-bench: concurrency ({} sessions × {} commands)",
+            ctx.args.concurrent_sessions, ctx.args.commands_per_session
+        );
+        concurrency(ctx, figures, notes).await.context("concurrency benchmark")?;
+    }
+    Ok(())
+}
+
+/// Driver start-up breakdown for the starts of `sessions` (in order, skipping `skip`
+/// starts of each).
+fn driver_figures(
+    server: &Server,
+    key: &str,
+    label: &str,
+    sessions: &[String],
+    skip: usize,
+) -> Vec<Figure> {
+    let lines = sandbox_ready_lines(&server.log_text());
+    let mut helper = Vec::new();
+    let mut total = Vec::new();
+    for s in sessions {
+        for (h, t) in lines.get(s).into_iter().flatten().skip(skip) {
+            helper.push(ms(*h));
+            total.push(ms(*t));
+        }
+    }
+    if total.is_empty() {
+        return vec![];
+    }
+    let guest: Vec<f64> = total.iter().zip(&helper).map(|(t, h)| t - h).collect();
+    vec![
+        Figure::from_samples(
+            &format!("{key}.driver_ms"),
+            &format!("↳ {label}: driver start (server log)"),
+            "ms",
+            &total,
+        ),
+        Figure::from_samples(
+            &format!("{key}.helper_ms"),
+            &format!("↳ {label}: sandbox-helper start (container create)"),
+            "ms",
+            &helper,
+        ),
+        Figure::from_samples(
+            &format!("{key}.guest_wait_ms"),
+            &format!("↳ {label}: wait for guest health"),
+            "ms",
+            &guest,
+        ),
+    ]
+}
+
+/// 1. First command on a brand-new session id: creates the session and its sandbox.
+async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
+    let req = argv(&["true"]);
+    let mut started = Vec::new();
+    let mut exit = Vec::new();
+    let mut measured = Vec::new();
+    for i in 0..ctx.args.warmup + ctx.args.runs {
+        let id = ctx.session(&format!("new-{i}"));
+        let t = timed(ctx, &id, &req).await?;
+        if i >= ctx.args.warmup {
+            started.push(ms(t.started));
+            exit.push(ms(t.exit));
+            measured.push(id.clone());
+        }
+        ctx.delete(&id).await?;
+    }
+    figures.push(
+        Figure::from_samples(
+            "new_session.started_ms",
+            "new session → `started` of `true`",
+            "ms",
+            &started,
+        )
+        .target(Target::at_most(30.0)),
+    );
+    figures.push(Figure::from_samples(
+        "new_session.exit_ms",
+        "new session → `exit` of `true`",
+        "ms",
+        &exit,
+    ));
+    figures.extend(driver_figures(server, "new_session", "new", &measured, 0));
+    Ok(())
+}
+
+/// 2. `true` in a running session, request sent → `exit` received.
+async fn round_trip(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
+    let req = argv(&["true"]);
+    let id = ctx.session("rtt");
+    timed(ctx, &id, &req).await?;
+    let mut started = Vec::new();
+    let mut exit = Vec::new();
+    for i in 0..ctx.args.warmup + ctx.args.runs {
+        let t = timed(ctx, &id, &req).await?;
+        if i >= ctx.args.warmup {
+            started.push(ms(t.started));
+            exit.push(ms(t.exit));
+        }
+    }
+    ctx.delete(&id).await?;
+    figures.push(
+        Figure::from_samples(
+            "round_trip.exit_ms",
+            "round trip of `true` (running session) → `exit`",
+            "ms",
+            &exit,
+        )
+        .target(Target::at_most(3.0)),
+    );
+    figures.push(Figure::from_samples(
+        "round_trip.started_ms",
+        "↳ round trip: request → `started`",
+        "ms",
+        &started,
+    ));
+    Ok(())
+}
+
+/// 3. Stop the session (untimed), then time a command that resumes it.
+async fn resume(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
+    let req = argv(&["true"]);
+    let id = ctx.session("resume");
+    timed(ctx, &id, &req).await?;
+    let mut started = Vec::new();
+    let mut exit = Vec::new();
+    let mut stop = Vec::new();
+    for i in 0..ctx.args.warmup + ctx.args.runs {
+        let t0 = Instant::now();
+        ctx.client
+            .stop_session(&id)
+            .await
+            .with_context(|| format!("cannot stop session {id}"))?;
+        let stopped = t0.elapsed();
+        let t = timed(ctx, &id, &req).await?;
+        if i >= ctx.args.warmup {
+            started.push(ms(t.started));
+            exit.push(ms(t.exit));
+            stop.push(ms(stopped));
+        }
+    }
+    ctx.delete(&id).await?;
+    figures.push(
+        Figure::from_samples(
+            "resume.started_ms",
+            "resume stopped session → `started` of `true`",
+            "ms",
+            &started,
+        )
+        .target(Target::at_most(30.0)),
+    );
+    figures.push(Figure::from_samples(
+        "resume.exit_ms",
+        "resume stopped session → `exit` of `true`",
+        "ms",
+        &exit,
+    ));
+    figures.push(Figure::from_samples(
+        "resume.stop_ms",
+        "↳ resume: `POST …/stop` (untimed above)",
+        "ms",
+        &stop,
+    ));
+    // The session's first start and the warm-up resumes are not measured.
+    figures.extend(driver_figures(
+        server,
+        "resume",
+        "resume",
+        std::slice::from_ref(&id),
+        1 + ctx.args.warmup,
+    ));
+    Ok(())
+}
+
+/// One streamed throughput run at the client.
+struct Stream {
+    wall: Duration,
+    decoded: u64,
+    wire: u64,
+    client_cpu_s: f64,
+    server_cpu_s: f64,
+    sandbox_cpu_s: f64,
+}
+
+/// Stream `head -c N /dev/zero` over the API: split NDJSON lines, parse each event and
+/// decode its base64, as a real client must.
+async fn stream_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
+    let req = argv(&["head", "-c", &bytes.to_string(), "/dev/zero"]);
+    let me = std::process::id();
+    let cpu = |pid: Option<u32>| pid.and_then(host::proc_cpu_seconds).unwrap_or(f64::NAN);
+    let (c0, s0, b0) = (
+        cpu(Some(me)),
+        cpu(ctx.server_pid),
+        host::sandbox_cpu_ns(id).map_or(f64::NAN, |n| n as f64 / 1e9),
+    );
+    let t0 = Instant::now();
+    let resp = ctx
+        .http
+        .post(format!("{}/v1/sessions/{id}/commands", ctx.url))
+        .bearer_auth(&ctx.token)
+        .json(&req)
+        .send()
+        .await
+        .context("throughput request failed")?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        bail!("throughput request: HTTP {status}: {body}");
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (mut decoded, mut wire, mut exit_code) = (0u64, 0u64, None);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("throughput stream broke")?;
+        wire += chunk.len() as u64;
+        buf.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(pos) = buf[start..].iter().position(|b| *b == b'\n') {
+            let line = &buf[start..start + pos];
+            start += pos + 1;
+            match serde_json::from_slice::<CommandEvent>(line).context("bad event line")? {
+                CommandEvent::Stdout { data } => {
+                    out.clear();
+                    b64.decode_vec(data, &mut out).context("stdout is not base64")?;
+                    if out.iter().any(|b| *b != 0) {
+                        bail!("/dev/zero produced a non-zero byte at the client");
+                    }
+                    decoded += out.len() as u64;
+                }
+                CommandEvent::Exit { code, .. } => exit_code = Some(code),
+                CommandEvent::Error { error } => bail!("error event: {}", error.message),
+                CommandEvent::Started { .. } | CommandEvent::Stderr { .. } => {}
+            }
+        }
+        buf.drain(..start);
+    }
+    let wall = t0.elapsed();
+    if exit_code != Some(Some(0)) {
+        bail!("head exited with {exit_code:?}");
+    }
+    if decoded != bytes {
+        bail!("received {decoded} bytes of {bytes}");
+    }
+    Ok(Stream {
+        wall,
+        decoded,
+        wire,
+        client_cpu_s: cpu(Some(me)) - c0,
+        server_cpu_s: cpu(ctx.server_pid) - s0,
+        sandbox_cpu_s: host::sandbox_cpu_ns(id).map_or(f64::NAN, |n| n as f64 / 1e9) - b0,
+    })
+}
+
+/// 4. Output throughput through the API and, for reference, through `berth exec`.
+async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
+    let bytes = ctx.args.throughput_bytes;
+    let id = ctx.session("tput");
+    timed(ctx, &id, &argv(&["true"])).await?;
+    let mut runs = Vec::new();
+    for _ in 0..ctx.args.throughput_runs {
+        runs.push(stream_once(ctx, &id, bytes).await?);
+    }
+    let mbps: Vec<f64> = runs
+        .iter()
+        .map(|r| r.decoded as f64 / r.wall.as_secs_f64() / 1e6)
+        .collect();
+    let median = |v: Vec<f64>| crate::stats::Summary::of(&v).map_or(f64::NAN, |s| s.p50);
+    let per_gb = |f: fn(&Stream) -> f64| {
+        median(runs.iter().map(|r| f(r) / (r.decoded as f64 / 1e9)).collect())
+    };
+    let wire_ratio = median(runs.iter().map(|r| r.wire as f64 / r.decoded as f64).collect());
+    let note = format!(
+        "`head -c {bytes} /dev/zero`; decoded payload bytes counted at the client \
+         (MB = 10^6 B). Per GB decoded (medians): wall {} s, client CPU {} s (HTTP + JSON \
+         parse + base64 decode), server CPU {} s, sandbox cgroup CPU {} s (guest + head); \
+         wire/payload ratio {}",
+        num(per_gb(|r| r.wall.as_secs_f64())),
+        num(per_gb(|r| r.client_cpu_s)),
+        num(per_gb(|r| r.server_cpu_s)),
+        num(per_gb(|r| r.sandbox_cpu_s)),
+        num(wire_ratio)
+    );
+    figures.push(
+        Figure::from_samples("throughput.api_mb_s", "output throughput, API (decoded)", "MB/s", &mbps)
+            .target(Target::at_least(1000.0))
+            .note(note),
+    );
+    if !ctx.args.skip_cli {
+        let mut cli = Vec::new();
+        for _ in 0..ctx.args.throughput_runs {
+            let t0 = Instant::now();
+            let status = tokio::process::Command::new(&ctx.args.berth)
+                .args(["exec", "--session", &id, "--", "head", "-c"])
+                .arg(bytes.to_string())
+                .arg("/dev/zero")
+                .env("BERTH_URL", &ctx.url)
+                .env("BERTH_TOKEN", &ctx.token)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await
+                .context("cannot run berth exec")?;
+            let wall = t0.elapsed();
+            if !status.success() {
+                bail!("berth exec … head -c {bytes} /dev/zero failed: {status}");
+            }
+            cli.push(bytes as f64 / wall.as_secs_f64() / 1e6);
+        }
+        figures.push(
+            Figure::from_samples("throughput.cli_mb_s", "output throughput, `berth exec > /dev/null`", "MB/s", &cli)
+                .note("reference; wall time of the whole `berth exec` process"),
+        );
+    }
+    ctx.delete(&id).await?;
+    Ok(())
+}
+
+/// 5. Memory of idle sandboxes: RSS/PSS of every process in each sandbox's cgroup and
+/// the cgroup's own accounting.
+async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<()> {
+    let n = ctx.args.memory_sandboxes;
+    let ids: Vec<String> = (0..n).map(|i| ctx.session(&format!("mem-{i}"))).collect();
+    for id in &ids {
+        timed(ctx, id, &argv(&["true"])).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(ctx.args.memory_settle_s)).await;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let (mut rss, mut pss, mut usage, mut anon, mut cache, mut nprocs) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut by_comm: BTreeMap<String, (u64, u64, usize)> = BTreeMap::new();
+    let mut outside: BTreeMap<String, (u64, usize)> = BTreeMap::new();
+    for id in &ids {
+        let pids = host::sandbox_pids(id);
+        if pids.is_empty() {
+            bail!("no processes found in the cgroup of session {id}");
+        }
+        let procs: Vec<host::ProcMemory> = pids.iter().filter_map(|p| host::proc_memory(*p)).collect();
+        rss.push(mib(procs.iter().map(|p| p.rss_bytes).sum()));
+        pss.push(mib(procs.iter().map(|p| p.pss_bytes).sum()));
+        nprocs.push(procs.len() as f64);
+        for p in &procs {
+            let e = by_comm.entry(p.comm.clone()).or_default();
+            e.0 += p.rss_bytes;
+            e.1 += p.pss_bytes;
+            e.2 += 1;
+        }
+        let mem = host::sandbox_memory(id)
+            .ok_or_else(|| anyhow!("no memory cgroup for session {id}"))?;
+        usage.push(mib(mem.usage));
+        anon.push(mib(mem.anon));
+        cache.push(mib(mem.cache));
+        let mut exclude = pids.clone();
+        exclude.extend(ctx.server_pid.map(|p| p as i32));
+        for pid in host::host_side_pids(id, &exclude) {
+            if let Some(p) = host::proc_memory(pid) {
+                let e = outside.entry(p.comm).or_default();
+                e.0 += p.pss_bytes;
+                e.1 += 1;
+            }
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let per = |v: &[f64], key: &str, name: &str| {
+        let mut f = Figure::from_samples(key, name, "MiB", v);
+        f.value = mean(v);
+        f.value_is = "mean";
+        f
+    };
+    figures.push(
+        per(&pss, "memory.pss_mib", "host memory per idle sandbox, PSS of its processes")
+            .target(Target::at_most(8.0))
+            .note(format!("{n} idle sandboxes; value = sum over sandboxes / {n}")),
+    );
+    figures.push(per(&rss, "memory.rss_mib", "host memory per idle sandbox, RSS of its processes"));
+    figures.push(
+        per(&usage, "memory.cgroup_usage_mib", "host memory per idle sandbox, cgroup usage")
+            .note(format!(
+                "memory.usage_in_bytes (v1) / memory.current (v2); of which anon mean {} MiB, page cache mean {} MiB",
+                num(mean(&anon)),
+                num(mean(&cache))
+            )),
+    );
+    let comm: Vec<String> = by_comm
+        .iter()
+        .map(|(c, (r, p, k))| {
+            format!(
+                "{c} ×{} per sandbox: PSS {} MiB, RSS {} MiB",
+                num(*k as f64 / n as f64),
+                num(mib(*p) / n as f64),
+                num(mib(*r) / n as f64)
+            )
+        })
+        .collect();
+    notes.push(format!(
+        "memory: processes per idle sandbox (mean {}): {}",
+        num(mean(&nprocs)),
+        comm.join("; ")
+    ));
+    if !outside.is_empty() {
+        let o: Vec<String> = outside
+            .iter()
+            .map(|(c, (p, k))| format!("{c} ×{k}: PSS {} MiB per sandbox", num(mib(*p) / n as f64)))
+            .collect();
+        notes.push(format!(
+            "memory: host processes outside the sandbox cgroups naming a session (not counted above): {}",
+            o.join("; ")
+        ));
+    }
+    for id in &ids {
+        ctx.delete(id).await?;
+    }
+    Ok(())
+}
+
+/// 6. Many sessions at once, each running `echo hi` several times.
+async fn concurrency(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<()> {
+    let n = ctx.args.concurrent_sessions;
+    let k = ctx.args.commands_per_session;
+    let ids: Vec<String> = (0..n).map(|i| ctx.session(&format!("conc-{i}"))).collect();
+    let req = argv(&["echo", "hi"]);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let t0 = Instant::now();
+    let results: Vec<Vec<Result<Duration>>> = futures::future::join_all(ids.iter().map(|id| {
+        let barrier = barrier.clone();
+        let req = req.clone();
+        async move {
+            barrier.wait().await;
+            let mut out = Vec::with_capacity(k);
+            for _ in 0..k {
+                let r = timed(ctx, id, &req).await.and_then(|t| {
+                    if t.stdout == b"hi\n" {
+                        Ok(t.exit)
+                    } else {
+                        Err(anyhow!("session {id}: stdout {:?}", String::from_utf8_lossy(&t.stdout)))
+                    }
+                });
+                out.push(r);
+            }
+            out
+        }
+    }))
+    .await;
+    let wall = t0.elapsed();
+    let mut first = Vec::new();
+    let mut warm = Vec::new();
+    let mut errors = Vec::new();
+    for per_session in &results {
+        for (i, r) in per_session.iter().enumerate() {
+            match r {
+                Ok(d) if i == 0 => first.push(ms(*d)),
+                Ok(d) => warm.push(ms(*d)),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+    }
+    let all: Vec<f64> = first.iter().chain(&warm).copied().collect();
+    figures.push(
+        Figure::single("concurrency.errors", &format!("{n} concurrent sessions × {k} `echo hi`: errors"), "", errors.len() as f64, "count")
+            .runs(n * k)
+            .target(Target::at_most(0.0)),
+    );
+    figures.push(
+        Figure::single("concurrency.wall_s", &format!("{n} concurrent sessions × {k} `echo hi`: wall time"), "s", wall.as_secs_f64(), "total")
+            .runs(n * k),
+    );
+    figures.push(Figure::from_samples(
+        "concurrency.latency_ms",
+        "↳ concurrent: per-command latency, all",
+        "ms",
+        &all,
+    ));
+    figures.push(Figure::from_samples(
+        "concurrency.first_ms",
+        "↳ concurrent: first command (creates the sandbox)",
+        "ms",
+        &first,
+    ));
+    figures.push(Figure::from_samples(
+        "concurrency.warm_ms",
+        "↳ concurrent: later commands (running sandbox)",
+        "ms",
+        &warm,
+    ));
+    if !errors.is_empty() {
+        errors.sort();
+        errors.dedup();
+        errors.truncate(5);
+        notes.push(format!("concurrency errors (first distinct): {errors:?}"));
+    }
+    let failed = ctx.delete_all().await;
+    if !failed.is_empty() {
+        bail!("cannot delete sessions: {failed:?}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_debug_duration("12.5ms"), Some(Duration::from_micros(12_500)));
+        assert_eq!(parse_debug_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_debug_duration("950µs"), Some(Duration::from_micros(950)));
+        assert_eq!(parse_debug_duration("ms"), None);
+    }
+
+    #[test]
+    fn ready_lines() {
+        let log = "2025-01-01T00:00:00Z \u{1b}[34mDEBUG\u{1b}[0m berth_sandbox::namespace: sandbox ready session=s1 helper=10.5ms total=20ms\n\
+                   other line\n";
+        let m = sandbox_ready_lines(log);
+        assert_eq!(
+            m["s1"],
+            vec![(Duration::from_micros(10_500), Duration::from_millis(20))]
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Reading the host: a sandbox's cgroup (named `/berth/<session id>` by
+//! `berth-sandbox`'s `SessionPaths::cgroup`), process memory and CPU time, machine facts.
+
+use std::fs;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+fn unified() -> bool {
+    PathBuf::from(ROOT).join("cgroup.controllers").exists()
+}
+
+/// The session's cgroup directory in the hierarchy holding `controller` (v1) or in v2.
+fn cgroup_dir(controller: &str, session: &str) -> PathBuf {
+    if unified() {
+        PathBuf::from(ROOT).join("berth").join(session)
+    } else {
+        PathBuf::from(ROOT)
+            .join(controller)
+            .join("berth")
+            .join(session)
+    }
+}
+
+fn read_u64(path: PathBuf) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Every pid in the session's cgroup (the `pids` hierarchy on v1, which every
+/// sandbox joins; the memory hierarchy as a fallback).
+pub fn sandbox_pids(session: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for controller in ["pids", "memory"] {
+        let path = cgroup_dir(controller, session).join("cgroup.procs");
+        if let Ok(text) = fs::read_to_string(path) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            break;
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// CPU time used by the session's cgroup, in nanoseconds.
+pub fn sandbox_cpu_ns(session: &str) -> Option<u64> {
+    if unified() {
+        let stat = fs::read_to_string(cgroup_dir("", session).join("cpu.stat")).ok()?;
+        let us: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))?
+            .trim()
+            .parse()
+            .ok()?;
+        return Some(us * 1000);
+    }
+    read_u64(cgroup_dir("cpuacct", session).join("cpuacct.usage"))
+}
+
+/// The cgroup's memory figures, in bytes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CgroupMemory {
+    /// `memory.usage_in_bytes` (v1) or `memory.current` (v2).
+    pub usage: u64,
+    /// Anonymous memory (`total_rss` / `anon` in memory.stat).
+    pub anon: u64,
+    /// Page cache (`total_cache` / `file`).
+    pub cache: u64,
+}
+
+pub fn sandbox_memory(session: &str) -> Option<CgroupMemory> {
+    let dir = cgroup_dir("memory", session);
+    let (usage_file, anon_key, cache_key) = if unified() {
+        ("memory.current", "anon", "file")
+    } else {
+        ("memory.usage_in_bytes", "total_rss", "total_cache")
+    };
+    let usage = read_u64(dir.join(usage_file))?;
+    let stat = fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+    let field = |key: &str| {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Some(CgroupMemory {
+        usage,
+        anon: field(anon_key),
+        cache: field(cache_key),
+    })
+}
+
+/// One process's resident memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcMemory {
+    pub pid: i32,
+    pub comm: String,
+    pub rss_bytes: u64,
+    pub pss_bytes: u64,
+}
+
+/// `Rss` and `Pss` from `/proc/PID/smaps_rollup`; `None` when the process is gone.
+pub fn proc_memory(pid: i32) -> Option<ProcMemory> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb = |key: &str| -> u64 {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Some(ProcMemory {
+        pid,
+        comm,
+        rss_bytes: kb("Rss:"),
+        pss_bytes: kb("Pss:"),
+    })
+}
+
+/// User + system CPU time of a process (threads included), in seconds.
+pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`, which may itself contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some((utime + stime) as f64 / hz)
+}
+
+/// Processes on the host that are not in a sandbox cgroup but name the session in their
+/// command line (per-sandbox helpers outside the container, if any).
+pub fn host_side_pids(session: &str, exclude: &[i32]) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let me = std::process::id() as i32;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me && !exclude.contains(pid))
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .any(|arg| arg.ends_with(format!("/{session}").as_bytes()) || arg == session.as_bytes())
+            })
+        })
+        .collect()
+}
+
+/// Facts about this machine for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub mem_total_gib: f64,
+    pub kernel: String,
+    pub cgroup: &'static str,
+}
+
+impl Machine {
+    pub fn probe() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kb: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        Self {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            mem_total_gib: mem_kb / (1024.0 * 1024.0),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            cgroup: if unified() { "v2" } else { "v1" },
+        }
+    }
+}

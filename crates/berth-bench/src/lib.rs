@@ -1,0 +1,329 @@
+//! The benchmark harness behind `berth-bench`: it starts a real `berth server` on a
+//! fresh temporary data dir, runs the benchmarks of issue 2 against it over the native
+//! API (and the CLI for one reference figure), deletes every session it made, stops
+//! the server with SIGTERM and checks that nothing was left behind.
+//!
+//! Results are printed as a markdown table; `--json` also writes them as JSON.
+//! `docs/benchmarks.md` records runs on a real machine.
+
+mod benches;
+pub mod host;
+pub mod report;
+mod server;
+pub mod stats;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use futures::StreamExt;
+
+use crate::report::Report;
+use crate::server::Server;
+
+const ALL: &[&str] = &["new", "rtt", "resume", "throughput", "memory", "concurrency"];
+
+/// Measure Berth against a real server started on a temporary data dir (needs root).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "berth-bench", version, max_term_width = 100)]
+pub struct Args {
+    /// The berth binary to start as the server (and to run for the CLI figure).
+    #[arg(long, default_value = "target/release/berth")]
+    pub berth: PathBuf,
+    /// Measured runs of each latency benchmark (new session, round trip, resume).
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    /// Unmeasured runs before each latency benchmark.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Bytes of `head -c N /dev/zero` per throughput run (suffixes K, M, G = powers of 1024).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub throughput_bytes: u64,
+    /// Runs of each throughput benchmark; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub throughput_runs: usize,
+    /// Idle sandboxes started for the memory figure.
+    #[arg(long, default_value_t = 20)]
+    pub memory_sandboxes: usize,
+    /// Seconds to let the idle sandboxes settle before reading their memory.
+    #[arg(long, default_value_t = 2)]
+    pub memory_settle_s: u64,
+    /// Sessions running commands at once in the concurrency benchmark.
+    #[arg(long, default_value_t = 100)]
+    pub concurrent_sessions: usize,
+    /// Commands (`echo hi`) each concurrent session runs, one after another.
+    #[arg(long, default_value_t = 5)]
+    pub commands_per_session: usize,
+    /// Passed to `berth server --max-sandboxes`; must exceed --concurrent-sessions.
+    #[arg(long, default_value_t = 128)]
+    pub max_sandboxes: usize,
+    /// Comma-separated subset of: new, rtt, resume, throughput, memory, concurrency.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Skip the `berth exec … > /dev/null` reference figure.
+    #[arg(long)]
+    pub skip_cli: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where the temporary data dir goes.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub tmp_dir: PathBuf,
+}
+
+/// Parse `1G`, `512M`, `4096` (K/M/G are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size suffix in {s:?}; use K, M or G")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 1G or 4096"))?;
+    n.checked_mul(mult)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("size {s:?} is zero or too large"))
+}
+
+/// What every benchmark gets.
+pub(crate) struct Ctx {
+    pub args: Args,
+    pub client: berth_client::Client,
+    pub http: reqwest::Client,
+    pub url: String,
+    pub token: String,
+    pub server_pid: Option<u32>,
+    /// Prefix of every session id this run makes: sandbox cgroups are named after the
+    /// session id alone, so ids must not collide with other servers on the host.
+    pub prefix: String,
+    /// Sessions made and not yet deleted.
+    pub live: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Ctx {
+    pub fn session(&self, name: &str) -> String {
+        let id = format!("{}{name}", self.prefix);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id.clone());
+        }
+        id
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        self.client
+            .delete_session(id)
+            .await
+            .with_context(|| format!("cannot delete session {id}"))?;
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(id);
+        }
+        Ok(())
+    }
+
+    /// Delete every session still recorded, eight at a time.
+    pub async fn delete_all(&self) -> Vec<String> {
+        let ids: Vec<String> = self
+            .live
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        let results: Vec<(String, Result<()>)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let r = self.delete(&id).await;
+                (id, r)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        results
+            .into_iter()
+            .filter_map(|(id, r)| match r {
+                Err(e)
+                    if e.downcast_ref::<berth_client::ClientError>()
+                        .and_then(berth_client::ClientError::code)
+                        == Some(berth_api::ErrorCode::NotFound) =>
+                {
+                    None
+                }
+                Err(e) => Some(format!("{id}: {e:#}")),
+                Ok(()) => None,
+            })
+            .collect()
+    }
+
+    pub fn enabled(&self, name: &str) -> bool {
+        self.args.only.is_empty() || self.args.only.iter().any(|o| o == name)
+    }
+}
+
+pub fn main_exec(args: Args) -> Result<()> {
+    for o in &args.only {
+        if !ALL.contains(&o.as_str()) {
+            bail!("--only {o:?} is not one of {}", ALL.join(", "));
+        }
+    }
+    if args.runs == 0 || args.throughput_runs == 0 {
+        bail!("--runs and --throughput-runs must be at least 1");
+    }
+    if args.max_sandboxes < args.concurrent_sessions.max(args.memory_sandboxes) + 1 {
+        bail!(
+            "--max-sandboxes {} is below the sandboxes this run needs ({})",
+            args.max_sandboxes,
+            args.concurrent_sessions.max(args.memory_sandboxes) + 1
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("berth server needs root; run berth-bench as root");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let machine = host::Machine::probe();
+    let date_utc = chrono_free_utc_now();
+    let mut server = Server::start(&args.berth, args.max_sandboxes, &args.tmp_dir).await?;
+    eprintln!(
+        "berth-bench: server {} (pid {:?}, log {})",
+        server.url,
+        server.pid(),
+        server.log.display()
+    );
+    let ctx = Ctx {
+        client: berth_client::Client::new(&server.url, &server.token),
+        http: reqwest::Client::new(),
+        url: server.url.clone(),
+        token: server.token.clone(),
+        server_pid: server.pid(),
+        prefix: format!("bench{}-", std::process::id()),
+        live: Arc::new(Mutex::new(BTreeSet::new())),
+        args: args.clone(),
+    };
+    let info: serde_json::Value = ctx
+        .http
+        .get(format!("{}/v1/info", ctx.url))
+        .bearer_auth(&ctx.token)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("GET /v1/info failed")?
+        .json()
+        .await
+        .context("GET /v1/info sent bad JSON")?;
+
+    let mut figures = Vec::new();
+    let mut notes = Vec::new();
+    let outcome = benches::run_all(&ctx, &server, &mut figures, &mut notes).await;
+
+    let undeleted = ctx.delete_all().await;
+    if !undeleted.is_empty() {
+        notes.push(format!("sessions that could not be deleted: {undeleted:?}"));
+    }
+    let stop = server.shutdown();
+    let leaked = leaked_cgroups(&ctx.prefix);
+    if !leaked.is_empty() {
+        notes.push(format!("cgroups left after server stop: {leaked:?}"));
+    }
+
+    let report = Report {
+        date_utc,
+        machine,
+        berth_version: info["version"].as_str().unwrap_or("?").to_string(),
+        driver: info["driver"].as_str().unwrap_or("?").to_string(),
+        command_line: std::env::args().collect(),
+        figures,
+        notes,
+    };
+    println!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    outcome?;
+    stop.context("stopping the server")?;
+    if !undeleted.is_empty() || !leaked.is_empty() {
+        bail!("clean-up failed; see the notes above");
+    }
+    Ok(())
+}
+
+/// Cgroup directories of this run's sessions that outlived the server.
+fn leaked_cgroups(prefix: &str) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    let roots = ["/sys/fs/cgroup/berth".into()].into_iter().chain(
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("berth")),
+    );
+    for root in roots {
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                left.push(e.path());
+            }
+        }
+    }
+    left.sort();
+    left.dedup();
+    left
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` from the system clock (civil-from-days, no extra crate).
+fn chrono_free_utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn date_format() {
+        let d = chrono_free_utc_now();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20"), "{d}");
+    }
+}
