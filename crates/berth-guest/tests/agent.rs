@@ -46,7 +46,13 @@ impl TestAgent {
     fn start_with(wrapper: &[&str]) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("guest.sock");
-        let exe = std::env::current_exe().unwrap();
+        // BERTH_GUEST_TEST_BIN=target/debug/berth runs the real `berth guest` instead of
+        // this test binary re-executed into `agent_process`.
+        let real = std::env::var_os("BERTH_GUEST_TEST_BIN");
+        let exe = real
+            .clone()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::current_exe().unwrap());
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut cmd = Command::new(first);
@@ -55,13 +61,17 @@ impl TestAgent {
             }
             None => Command::new(exe),
         };
-        let child = cmd
-            .args([
+        if real.is_some() {
+            cmd.arg("guest").arg("--listen").arg(&socket);
+        } else {
+            cmd.args([
                 "--exact",
                 "agent_process",
                 "--nocapture",
                 "--test-threads=1",
-            ])
+            ]);
+        }
+        let child = cmd
             .env(ENTRY_ENV, &socket)
             .env(
                 "BERTH_LOG",
@@ -203,6 +213,12 @@ async fn exit_code_and_output_streams() {
     let r = run(&mut guest, start).await;
     assert_eq!(r.stdout, b"yes:/tmp\n");
     assert_eq!(r.exited.unwrap().code, Some(0));
+
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 
     let health = guest.health(Empty {}).await.unwrap().into_inner();
     assert_eq!(health.pid, agent.pid());

@@ -280,7 +280,7 @@ async fn pump(
 ) {
     // Reads land in one large buffer that chunks are split off; its storage is reused
     // once the chunks sent from it have been encoded and dropped.
-    let mut buf = BytesMut::with_capacity(16 * CHUNK);
+    let mut buf = BytesMut::with_capacity(4 * CHUNK);
     let mut exit_at: Option<Instant> = None;
     // Bytes read since the exit became known. Everything the main process wrote is
     // out of the pipe once `capacity` bytes have been read after its exit.

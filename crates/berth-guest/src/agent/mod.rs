@@ -160,20 +160,36 @@ fn setup_process(is_init: bool) {
     }
 }
 
+/// Listen on `path`. The socket is bound under a temporary name and renamed into place
+/// once it listens, so a host that waits for `path` to appear can connect at once
+/// (between bind(2) and listen(2) a connect would be refused).
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::debug!(socket = %path.display(), "removed stale socket"),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => {
-            return Err(err).with_context(|| format!("cannot remove stale {}", path.display()))
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            tracing::debug!(socket = %path.display(), "removed stale socket");
         }
+        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("cannot inspect {}", path.display())),
     }
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".{}.tmp", std::process::id()));
+    let temp = PathBuf::from(temp);
+    let _ = std::fs::remove_file(&temp);
     // The socket is created with mode 0600: nobody but our own user may connect. The
     // umask is process-wide; nothing else creates files this early.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
+    let listener = UnixListener::bind(&temp);
     nix::sys::stat::umask(old);
-    listener.with_context(|| format!("cannot listen on {}", path.display()))
+    let listener = listener.with_context(|| format!("cannot listen on {}", temp.display()))?;
+    if let Err(err) = std::fs::rename(&temp, path) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(err).with_context(|| format!("cannot move the socket to {}", path.display()));
+    }
+    Ok(listener)
 }
 
 /// Reject relative paths and `..` segments: every path names one place in the sandbox.
