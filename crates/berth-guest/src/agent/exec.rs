@@ -30,8 +30,12 @@ use crate::proto::{exec_input, exec_output, ExecInput, ExecOutput, ExecStart, Ex
 
 /// Bytes read from a pipe at most per output message.
 pub(crate) const CHUNK: usize = 64 * 1024;
-/// Pipe buffers are enlarged to this size where the kernel allows (fewer wakeups).
-const PIPE_SIZE: i32 = 1024 * 1024;
+/// Output pipes are enlarged to this size where the kernel allows: fewer wakeups on
+/// bulk output (1 GiB through Exec: 0.75 s CPU with 64 KiB pipes, 0.69 s with 256 KiB,
+/// 0.65 s with 1 MiB). Pipe pages count against the sandbox user's
+/// `fs.pipe-user-pages-soft` budget (64 MiB by default), past which *every* new pipe of
+/// that user shrinks to two pages; 256 KiB keeps two pipes per command well inside it.
+const PIPE_SIZE: i32 = 256 * 1024;
 /// Output messages queued towards the host before the pumps stop reading.
 const OUTPUT_QUEUE: usize = 4;
 /// How long to keep reading after the main process exited while something it started

@@ -309,3 +309,37 @@ impl Guest for Service {
         Ok(Response::new(Empty {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn paths_must_be_absolute_without_dotdot() {
+        assert!(check_path("/mnt/workspace/a.txt").is_ok());
+        assert!(check_path("/").is_ok());
+        assert!(check_path("/a/./b").is_ok());
+        for bad in ["", "a", "./a", "../a", "/a/../b", "/a/.."] {
+            let err = check_path(bad).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_listen() {
+        let parse = |args: &[&str]| parse_args(args.iter().map(OsString::from).collect());
+        assert_eq!(
+            parse(&["--listen", "/run/g.sock"]).unwrap(),
+            PathBuf::from("/run/g.sock")
+        );
+        assert_eq!(
+            parse(&["--listen=/run/g.sock"]).unwrap(),
+            PathBuf::from("/run/g.sock")
+        );
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--listen"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+    }
+}
