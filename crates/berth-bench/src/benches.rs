@@ -78,7 +78,11 @@ async fn timed(ctx: &Ctx, session: &str, req: &CommandRequest) -> Result<Timed> 
                 });
             }
             CommandEvent::Error { error } => {
-                bail!("session {session}: error event: {} ({:?})", error.message, error.code)
+                bail!(
+                    "session {session}: error event: {} ({:?})",
+                    error.message,
+                    error.code
+                )
             }
         }
     }
@@ -104,8 +108,7 @@ fn sandbox_ready_lines(log: &str) -> BTreeMap<String, Vec<(Duration, Duration)>>
         else {
             continue;
         };
-        if let (Some(h), Some(t)) = (parse_debug_duration(&helper), parse_debug_duration(&total))
-        {
+        if let (Some(h), Some(t)) = (parse_debug_duration(&helper), parse_debug_duration(&total)) {
             out.entry(session).or_default().push((h, t));
         }
     }
@@ -152,30 +155,48 @@ pub(crate) async fn run_all(
 ) -> Result<()> {
     if ctx.enabled("new") {
         eprintln!("berth-bench: new session ({} runs)", ctx.args.runs);
-        new_session(ctx, server, figures).await.context("new-session benchmark")?;
+        new_session(ctx, server, figures)
+            .await
+            .context("new-session benchmark")?;
     }
     if ctx.enabled("rtt") {
         eprintln!("berth-bench: round trip ({} runs)", ctx.args.runs);
-        round_trip(ctx, figures).await.context("round-trip benchmark")?;
+        round_trip(ctx, figures)
+            .await
+            .context("round-trip benchmark")?;
     }
     if ctx.enabled("resume") {
         eprintln!("berth-bench: resume ({} runs)", ctx.args.runs);
-        resume(ctx, server, figures).await.context("resume benchmark")?;
+        resume(ctx, server, figures)
+            .await
+            .context("resume benchmark")?;
     }
     if ctx.enabled("throughput") {
-        eprintln!("berth-bench: throughput ({} runs)", ctx.args.throughput_runs);
-        throughput(ctx, figures).await.context("throughput benchmark")?;
+        eprintln!(
+            "berth-bench: throughput ({} runs)",
+            ctx.args.throughput_runs
+        );
+        throughput(ctx, figures)
+            .await
+            .context("throughput benchmark")?;
     }
     if ctx.enabled("memory") {
-        eprintln!("berth-bench: memory ({} sandboxes)", ctx.args.memory_sandboxes);
-        memory(ctx, figures, notes).await.context("memory benchmark")?;
+        eprintln!(
+            "berth-bench: memory ({} sandboxes)",
+            ctx.args.memory_sandboxes
+        );
+        memory(ctx, figures, notes)
+            .await
+            .context("memory benchmark")?;
     }
     if ctx.enabled("concurrency") {
         eprintln!(
             "berth-bench: concurrency ({} sessions × {} commands)",
             ctx.args.concurrent_sessions, ctx.args.commands_per_session
         );
-        concurrency(ctx, figures, notes).await.context("concurrency benchmark")?;
+        concurrency(ctx, figures, notes)
+            .await
+            .context("concurrency benchmark")?;
     }
     Ok(())
 }
@@ -224,7 +245,7 @@ fn driver_figures(
     ]
 }
 
-/// 1. First command on a brand-new session id: creates the session and its sandbox.
+/// Benchmark 1: First command on a brand-new session id: creates the session and its sandbox.
 async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
     let req = argv(&["true"]);
     let mut started = Vec::new();
@@ -259,7 +280,7 @@ async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> R
     Ok(())
 }
 
-/// 2. `true` in a running session, request sent → `exit` received.
+/// Benchmark 2: `true` in a running session, request sent → `exit` received.
 async fn round_trip(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
     let req = argv(&["true"]);
     let id = ctx.session("rtt");
@@ -292,7 +313,7 @@ async fn round_trip(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
     Ok(())
 }
 
-/// 3. Stop the session (untimed), then time a command that resumes it.
+/// Benchmark 3: Stop the session (untimed), then time a command that resumes it.
 async fn resume(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
     let req = argv(&["true"]);
     let id = ctx.session("resume");
@@ -398,7 +419,8 @@ async fn stream_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
             match serde_json::from_slice::<CommandEvent>(line).context("bad event line")? {
                 CommandEvent::Stdout { data } => {
                     out.clear();
-                    b64.decode_vec(data, &mut out).context("stdout is not base64")?;
+                    b64.decode_vec(data, &mut out)
+                        .context("stdout is not base64")?;
                     if out.iter().any(|b| *b != 0) {
                         bail!("/dev/zero produced a non-zero byte at the client");
                     }
@@ -428,7 +450,7 @@ async fn stream_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
     })
 }
 
-/// 4. Output throughput through the API and, for reference, through `berth exec`.
+/// Benchmark 4: Output throughput through the API and, for reference, through `berth exec`.
 async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
     let bytes = ctx.args.throughput_bytes;
     let id = ctx.session("tput");
@@ -443,9 +465,17 @@ async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         .collect();
     let median = |v: Vec<f64>| crate::stats::Summary::of(&v).map_or(f64::NAN, |s| s.p50);
     let per_gb = |f: fn(&Stream) -> f64| {
-        median(runs.iter().map(|r| f(r) / (r.decoded as f64 / 1e9)).collect())
+        median(
+            runs.iter()
+                .map(|r| f(r) / (r.decoded as f64 / 1e9))
+                .collect(),
+        )
     };
-    let wire_ratio = median(runs.iter().map(|r| r.wire as f64 / r.decoded as f64).collect());
+    let wire_ratio = median(
+        runs.iter()
+            .map(|r| r.wire as f64 / r.decoded as f64)
+            .collect(),
+    );
     let note = format!(
         "`head -c {bytes} /dev/zero`; decoded payload bytes counted at the client \
          (MB = 10^6 B). Per GB decoded (medians): wall {} s, client CPU {} s (HTTP + JSON \
@@ -458,9 +488,14 @@ async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         num(wire_ratio)
     );
     figures.push(
-        Figure::from_samples("throughput.api_mb_s", "output throughput, API (decoded)", "MB/s", &mbps)
-            .target(Target::at_least(1000.0))
-            .note(note),
+        Figure::from_samples(
+            "throughput.api_mb_s",
+            "output throughput, API (decoded)",
+            "MB/s",
+            &mbps,
+        )
+        .target(Target::at_least(1000.0))
+        .note(note),
     );
     if !ctx.args.skip_cli {
         let mut cli = Vec::new();
@@ -484,16 +519,21 @@ async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
             cli.push(bytes as f64 / wall.as_secs_f64() / 1e6);
         }
         figures.push(
-            Figure::from_samples("throughput.cli_mb_s", "output throughput, `berth exec > /dev/null`", "MB/s", &cli)
-                .note("reference; wall time of the whole `berth exec` process"),
+            Figure::from_samples(
+                "throughput.cli_mb_s",
+                "output throughput, `berth exec > /dev/null`",
+                "MB/s",
+                &cli,
+            )
+            .note("reference; wall time of the whole `berth exec` process"),
         );
     }
     ctx.delete(&id).await?;
     Ok(())
 }
 
-/// 5. Memory of idle sandboxes: RSS/PSS of every process in each sandbox's cgroup and
-/// the cgroup's own accounting.
+/// Benchmark 5: Memory of idle sandboxes: RSS/PSS of every process in each sandbox cgroup, and
+/// each cgroup's own accounting.
 async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<()> {
     let n = ctx.args.memory_sandboxes;
     let ids: Vec<String> = (0..n).map(|i| ctx.session(&format!("mem-{i}"))).collect();
@@ -511,7 +551,8 @@ async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -
         if pids.is_empty() {
             bail!("no processes found in the cgroup of session {id}");
         }
-        let procs: Vec<host::ProcMemory> = pids.iter().filter_map(|p| host::proc_memory(*p)).collect();
+        let procs: Vec<host::ProcMemory> =
+            pids.iter().filter_map(|p| host::proc_memory(*p)).collect();
         rss.push(mib(procs.iter().map(|p| p.rss_bytes).sum()));
         pss.push(mib(procs.iter().map(|p| p.pss_bytes).sum()));
         nprocs.push(procs.len() as f64);
@@ -521,8 +562,8 @@ async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -
             e.1 += p.pss_bytes;
             e.2 += 1;
         }
-        let mem = host::sandbox_memory(id)
-            .ok_or_else(|| anyhow!("no memory cgroup for session {id}"))?;
+        let mem =
+            host::sandbox_memory(id).ok_or_else(|| anyhow!("no memory cgroup for session {id}"))?;
         usage.push(mib(mem.usage));
         anon.push(mib(mem.anon));
         cache.push(mib(mem.cache));
@@ -544,11 +585,21 @@ async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -
         f
     };
     figures.push(
-        per(&pss, "memory.pss_mib", "host memory per idle sandbox, PSS of its processes")
-            .target(Target::at_most(8.0))
-            .note(format!("{n} idle sandboxes; value = sum over sandboxes / {n}")),
+        per(
+            &pss,
+            "memory.pss_mib",
+            "host memory per idle sandbox, PSS of its processes",
+        )
+        .target(Target::at_most(8.0))
+        .note(format!(
+            "{n} idle sandboxes; value = sum over sandboxes / {n}"
+        )),
     );
-    figures.push(per(&rss, "memory.rss_mib", "host memory per idle sandbox, RSS of its processes"));
+    figures.push(per(
+        &rss,
+        "memory.rss_mib",
+        "host memory per idle sandbox, RSS of its processes",
+    ));
     figures.push(
         per(&usage, "memory.cgroup_usage_mib", "host memory per idle sandbox, cgroup usage")
             .note(format!(
@@ -589,7 +640,7 @@ async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -
     Ok(())
 }
 
-/// 6. Many sessions at once, each running `echo hi` several times.
+/// Benchmark 6: Many sessions at once, each running `echo hi` several times.
 async fn concurrency(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<()> {
     let n = ctx.args.concurrent_sessions;
     let k = ctx.args.commands_per_session;
@@ -608,7 +659,10 @@ async fn concurrency(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<Strin
                     if t.stdout == b"hi\n" {
                         Ok(t.exit)
                     } else {
-                        Err(anyhow!("session {id}: stdout {:?}", String::from_utf8_lossy(&t.stdout)))
+                        Err(anyhow!(
+                            "session {id}: stdout {:?}",
+                            String::from_utf8_lossy(&t.stdout)
+                        ))
                     }
                 });
                 out.push(r);
@@ -632,13 +686,25 @@ async fn concurrency(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<Strin
     }
     let all: Vec<f64> = first.iter().chain(&warm).copied().collect();
     figures.push(
-        Figure::single("concurrency.errors", &format!("{n} concurrent sessions × {k} `echo hi`: errors"), "", errors.len() as f64, "count")
-            .runs(n * k)
-            .target(Target::at_most(0.0)),
+        Figure::single(
+            "concurrency.errors",
+            &format!("{n} concurrent sessions × {k} `echo hi`: errors"),
+            "",
+            errors.len() as f64,
+            "count",
+        )
+        .runs(n * k)
+        .target(Target::at_most(0.0)),
     );
     figures.push(
-        Figure::single("concurrency.wall_s", &format!("{n} concurrent sessions × {k} `echo hi`: wall time"), "s", wall.as_secs_f64(), "total")
-            .runs(n * k),
+        Figure::single(
+            "concurrency.wall_s",
+            &format!("{n} concurrent sessions × {k} `echo hi`: wall time"),
+            "s",
+            wall.as_secs_f64(),
+            "total",
+        )
+        .runs(n * k),
     );
     figures.push(Figure::from_samples(
         "concurrency.latency_ms",
@@ -677,9 +743,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_debug_duration("12.5ms"), Some(Duration::from_micros(12_500)));
-        assert_eq!(parse_debug_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_debug_duration("950µs"), Some(Duration::from_micros(950)));
+        assert_eq!(
+            parse_debug_duration("12.5ms"),
+            Some(Duration::from_micros(12_500))
+        );
+        assert_eq!(
+            parse_debug_duration("1.5s"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_debug_duration("950µs"),
+            Some(Duration::from_micros(950))
+        );
         assert_eq!(parse_debug_duration("ms"), None);
     }
 

@@ -153,8 +153,9 @@ pub fn host_side_pids(session: &str, exclude: &[i32]) -> Vec<i32> {
         .filter(|pid| *pid != me && !exclude.contains(pid))
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                c.split(|b| *b == 0)
-                    .any(|arg| arg.ends_with(format!("/{session}").as_bytes()) || arg == session.as_bytes())
+                c.split(|b| *b == 0).any(|arg| {
+                    arg.ends_with(format!("/{session}").as_bytes()) || arg == session.as_bytes()
+                })
             })
         })
         .collect()

@@ -23,7 +23,14 @@ use futures::StreamExt;
 use crate::report::Report;
 use crate::server::Server;
 
-const ALL: &[&str] = &["new", "rtt", "resume", "throughput", "memory", "concurrency"];
+const ALL: &[&str] = &[
+    "new",
+    "rtt",
+    "resume",
+    "throughput",
+    "memory",
+    "concurrency",
+];
 
 /// Measure Berth against a real server started on a temporary data dir (needs root).
 #[derive(Debug, Clone, Parser)]
@@ -68,6 +75,9 @@ pub struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Copy the server's log here when it stops (the temp dir is removed).
+    #[arg(long)]
+    pub server_log: Option<PathBuf>,
     /// Where the temporary data dir goes.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub tmp_dir: PathBuf,
@@ -234,6 +244,15 @@ async fn run(args: Args) -> Result<()> {
         notes.push(format!("sessions that could not be deleted: {undeleted:?}"));
     }
     let stop = server.shutdown();
+    let server_log = server.final_log.clone();
+    if let Some(path) = &args.server_log {
+        if let Err(e) = std::fs::write(path, &server_log) {
+            notes.push(format!(
+                "cannot write the server log to {}: {e}",
+                path.display()
+            ));
+        }
+    }
     let leaked = leaked_cgroups(&ctx.prefix);
     if !leaked.is_empty() {
         notes.push(format!("cgroups left after server stop: {leaked:?}"));

@@ -86,7 +86,13 @@ impl Figure {
         }
     }
 
-    pub fn single(key: &str, name: &str, unit: &'static str, value: f64, value_is: &'static str) -> Self {
+    pub fn single(
+        key: &str,
+        name: &str,
+        unit: &'static str,
+        value: f64,
+        value_is: &'static str,
+    ) -> Self {
         Self {
             key: key.into(),
             name: name.into(),

@@ -20,6 +20,8 @@ pub struct Server {
     pub token: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// The log as it was when the server exited.
+    pub final_log: String,
     /// `None` once the directory has been kept on purpose (something still mounted in it).
     tmp: Option<tempfile::TempDir>,
 }
@@ -43,9 +45,11 @@ impl Server {
             .context("cannot find a free local port")?
             .port();
         let listen = format!("127.0.0.1:{port}");
-        let log_file = fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let log_err = log_file.try_clone().context("cannot duplicate the log file")?;
+        let log_file =
+            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let log_err = log_file
+            .try_clone()
+            .context("cannot duplicate the log file")?;
         let child = Command::new(&berth)
             .arg("server")
             .arg("--data-dir")
@@ -69,6 +73,7 @@ impl Server {
             token: String::new(),
             data_dir,
             log,
+            final_log: String::new(),
             tmp: Some(tmp),
         };
         server.wait_ready().await?;
@@ -146,6 +151,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        self.final_log = self.log_text();
         if !status.success() {
             bail!(
                 "berth server exited with {status} after SIGTERM; its log:\n{}",
