@@ -2,10 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::guest_client::GuestClient;
+use crate::proto::{write_file_input, Empty, WriteFileInput, WriteTarget};
 
 /// Largest HTTP/2 frame the guest may send us (a whole output chunk fits in one).
 const MAX_FRAME: u32 = 1 << 20;
@@ -56,4 +59,26 @@ pub async fn connect_unix(path: &Path) -> Result<Guest, ConnectError> {
     Ok(GuestClient::new(channel)
         .max_decoding_message_size(8 << 20)
         .max_encoding_message_size(8 << 20))
+}
+
+/// Upload `data` to `target` (a plain file, or a tar archive to unpack) with the framing
+/// `WriteFile` requires: `target`, the data chunks, then `end`. Returns the bytes the
+/// guest received. Dropping the returned future cancels the upload; the guest then
+/// commits nothing (see `proto/guest.proto`).
+pub async fn write_file<S>(
+    guest: &mut Guest,
+    target: WriteTarget,
+    data: S,
+) -> Result<u64, tonic::Status>
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+{
+    let msg = |kind| WriteFileInput { kind: Some(kind) };
+    let messages =
+        futures::stream::once(async move { msg(write_file_input::Kind::Target(target)) })
+            .chain(data.map(move |chunk| msg(write_file_input::Kind::Data(chunk))))
+            .chain(futures::stream::once(async move {
+                msg(write_file_input::Kind::End(Empty {}))
+            }));
+    Ok(guest.write_file(messages).await?.into_inner().bytes)
 }

@@ -493,20 +493,10 @@ async fn slow_reader_keeps_memory_bounded() {
 }
 
 async fn write_file(guest: &mut Guest, target: WriteTarget, data: Vec<u8>) -> u64 {
-    let mut msgs = vec![WriteFileInput {
-        kind: Some(write_file_input::Kind::Target(target)),
-    }];
-    for chunk in data.chunks(100_000) {
-        msgs.push(WriteFileInput {
-            kind: Some(write_file_input::Kind::Data(Bytes::copy_from_slice(chunk))),
-        });
-    }
-    guest
-        .write_file(tokio_stream::iter(msgs))
+    let chunks: Vec<Bytes> = data.chunks(100_000).map(Bytes::copy_from_slice).collect();
+    berth_guest::client::write_file(guest, target, tokio_stream::iter(chunks))
         .await
         .unwrap()
-        .into_inner()
-        .bytes
 }
 
 async fn read_file(guest: &mut Guest, path: &Path, tar: bool) -> Result<Vec<u8>, tonic::Status> {
@@ -584,6 +574,23 @@ async fn file_round_trip() {
         .map(|e| e.name)
         .collect();
     assert_eq!(names, ["c.bin"]);
+
+    // Without the final `end` nothing is written.
+    let unfinished = agent.path("unfinished");
+    let req = vec![
+        WriteFileInput {
+            kind: Some(write_file_input::Kind::Target(WriteTarget {
+                path: unfinished.to_str().unwrap().into(),
+                ..Default::default()
+            })),
+        },
+        WriteFileInput {
+            kind: Some(write_file_input::Kind::Data(Bytes::from_static(b"data"))),
+        },
+    ];
+    let err = guest.write_file(tokio_stream::iter(req)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(!unfinished.exists());
 
     // Errors name the path.
     let missing = agent.path("missing");
@@ -713,9 +720,14 @@ async fn tar_unpack_refuses_escapes() {
         WriteFileInput {
             kind: Some(write_file_input::Kind::Data(archive.into())),
         },
+        WriteFileInput {
+            kind: Some(write_file_input::Kind::End(Empty {})),
+        },
     ];
+    // The tar crate skips the entry; the archive is otherwise fine.
     let _ = guest.write_file(tokio_stream::iter(req)).await;
     assert!(!agent.path("escaped.txt").exists());
+    assert!(dst.is_dir());
 }
 
 #[tokio::test]
@@ -931,4 +943,61 @@ async fn pid1_in_fresh_namespaces() {
     );
 
     guest.shutdown(Empty {}).await.unwrap();
+}
+
+/// An upload cut off mid-way commits nothing: no target, no temp file left behind.
+#[tokio::test]
+async fn interrupted_upload_commits_nothing() {
+    let agent = TestAgent::start();
+    let guest = agent.connect().await;
+    let dir = agent.path("up");
+    let target = dir.join("file.bin");
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(WriteFileInput {
+        kind: Some(write_file_input::Kind::Target(WriteTarget {
+            path: target.to_str().unwrap().into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(WriteFileInput {
+        kind: Some(write_file_input::Kind::Data(Bytes::from(vec![1u8; 1000]))),
+    })
+    .await
+    .unwrap();
+    let call = tokio::spawn({
+        let mut guest = guest.clone();
+        async move { guest.write_file(ReceiverStream::new(rx)).await }
+    });
+    let entries = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut started = false;
+    for _ in 0..1000 {
+        if !entries(&dir).is_empty() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started, "the upload never started");
+    call.abort();
+    let _ = call.await;
+    let mut left = entries(&dir);
+    for _ in 0..1000 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = entries(&dir);
+    }
+    assert!(left.is_empty(), "left behind: {left:?}");
+    drop(tx);
 }

@@ -8,7 +8,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::{Bytes, BytesMut};
@@ -188,7 +189,8 @@ pub(crate) async fn write_file(mut input: Streaming<WriteFileInput>) -> Result<u
         }
     };
     let path = check_path(&target.path)?.to_path_buf();
-    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+    let target_path = path.clone();
+    let (tx, rx) = mpsc::channel::<Upload>(QUEUE);
     let worker = tokio::task::spawn_blocking(move || {
         if target.tar {
             unpack(&path, ChannelReader::new(rx))
@@ -202,36 +204,72 @@ pub(crate) async fn write_file(mut input: Streaming<WriteFileInput>) -> Result<u
         }
     });
     let mut total = 0u64;
+    let mut worker = Some(worker);
     loop {
-        match input.message().await {
-            Ok(Some(WriteFileInput {
-                kind: Some(write_file_input::Kind::Data(data)),
-            })) => {
+        let kind = match input.message().await {
+            Ok(Some(msg)) => msg.kind,
+            // Also what a cancelled call looks like (tonic maps the reset to a clean
+            // end), hence the explicit `end`. Dropping `tx` makes the worker discard.
+            Ok(None) => {
+                tracing::debug!(path = %target_path.display(), "upload ended without `end`");
+                return Err(Status::aborted(format!(
+                    "upload to {} ended without `end`; nothing was written",
+                    target_path.display()
+                )));
+            }
+            Err(status) => {
+                tracing::debug!(path = %target_path.display(), "upload failed: {status}");
+                return Err(status);
+            }
+        };
+        match kind {
+            Some(write_file_input::Kind::Data(data)) => {
                 total += data.len() as u64;
-                if tx.send(data).await.is_err() {
-                    // The worker stopped early; its result says why.
-                    break;
+                if worker.is_some() && tx.send(Upload::Data(data)).await.is_err() {
+                    // The worker stopped early: an error, or a tar archive that ended
+                    // before the stream did. Then the rest is only counted.
+                    finish(worker.take()).await?;
                 }
             }
-            Ok(Some(_)) => {
+            Some(write_file_input::Kind::End(_)) => {
+                tracing::debug!(path = %target_path.display(), total, "upload complete");
+                let _ = tx.send(Upload::End).await;
+                break;
+            }
+            Some(write_file_input::Kind::Target(_)) | None => {
                 return Err(Status::invalid_argument(
-                    "only `data` may follow the write_file target",
+                    "only `data` and `end` may follow the write_file target",
                 ))
             }
-            Ok(None) => break,
-            // Dropping `tx` without a clean end makes the worker discard its work.
-            Err(status) => return Err(status),
         }
     }
     drop(tx);
-    worker
-        .await
-        .map_err(|err| Status::internal(format!("write task failed: {err}")))??;
+    finish(worker).await?;
     Ok(total)
 }
 
+async fn finish(worker: Option<tokio::task::JoinHandle<Result<(), Status>>>) -> Result<(), Status> {
+    match worker {
+        Some(worker) => worker
+            .await
+            .map_err(|err| Status::internal(format!("write task failed: {err}")))?,
+        None => Ok(()),
+    }
+}
+
+/// What the async side hands the writer thread. The sender being dropped without `End`
+/// means the upload was cancelled: nothing is committed.
+enum Upload {
+    Data(Bytes),
+    End,
+}
+
+fn interrupted(path: &Path) -> Status {
+    Status::aborted(format!("upload to {} was interrupted", path.display()))
+}
+
 /// Write a plain file: temp file in the same directory, fsync, rename over the target.
-fn write_atomic(path: &Path, mode: u32, mut rx: mpsc::Receiver<Bytes>) -> Result<(), Status> {
+fn write_atomic(path: &Path, mode: u32, mut rx: mpsc::Receiver<Upload>) -> Result<(), Status> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(Status::invalid_argument("cannot write to `/`"));
     };
@@ -249,9 +287,14 @@ fn write_atomic(path: &Path, mode: u32, mut rx: mpsc::Receiver<Bytes>) -> Result
             .mode(mode)
             .open(&temp)
             .map_err(|e| io_status("cannot create", &temp, e))?;
-        while let Some(data) = rx.blocking_recv() {
-            file.write_all(&data)
-                .map_err(|e| io_status("cannot write", path, e))?;
+        loop {
+            match rx.blocking_recv() {
+                Some(Upload::Data(data)) => file
+                    .write_all(&data)
+                    .map_err(|e| io_status("cannot write", path, e))?,
+                Some(Upload::End) => break,
+                None => return Err(interrupted(path)),
+            }
         }
         // The umask applied at creation; the host asked for this exact mode.
         file.set_permissions(fs::Permissions::from_mode(mode))
@@ -273,26 +316,33 @@ fn write_atomic(path: &Path, mode: u32, mut rx: mpsc::Receiver<Bytes>) -> Result
 /// Unpack a tar stream into `dir`. The tar crate refuses entries that would land outside
 /// it (`..`, absolute paths, writes through symlinks pointing out).
 fn unpack(dir: &Path, reader: ChannelReader) -> Result<(), Status> {
+    let cancelled = reader.cancelled.clone();
     fs::create_dir_all(dir).map_err(|e| io_status("cannot create directory", dir, e))?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(true);
-    archive
-        .unpack(dir)
-        .map_err(|e| io_status("cannot unpack into", dir, e))
+    archive.unpack(dir).map_err(|e| {
+        if cancelled.load(Ordering::Acquire) {
+            interrupted(dir)
+        } else {
+            io_status("cannot unpack into", dir, e)
+        }
+    })
 }
 
 /// A `Read` over chunks arriving from the async side.
 struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Upload>,
     current: Bytes,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl ChannelReader {
-    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+    fn new(rx: mpsc::Receiver<Upload>) -> Self {
         Self {
             rx,
             current: Bytes::new(),
+            cancelled: Arc::default(),
         }
     }
 }
@@ -301,8 +351,15 @@ impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
-                Some(data) => self.current = data,
-                None => return Ok(0),
+                Some(Upload::Data(data)) => self.current = data,
+                Some(Upload::End) => return Ok(0),
+                None => {
+                    self.cancelled.store(true, Ordering::Release);
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "upload interrupted",
+                    ));
+                }
             }
         }
         let n = out.len().min(self.current.len());
