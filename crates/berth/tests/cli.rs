@@ -10,12 +10,23 @@ async fn exec_works_on_a_fresh_server_with_no_other_step() {
         return;
     };
     let session = uniq("my-task");
-    let (out, err, code) = s.cli(&["exec", "--session", &session, "--", "uname", "-a"]).await;
+    let (out, err, code) = s
+        .cli(&["exec", "--session", &session, "--", "uname", "-a"])
+        .await;
     let out = String::from_utf8_lossy(&out);
-    assert_eq!(code, 0, "stdout: {out}\nstderr: {}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        code,
+        0,
+        "stdout: {out}\nstderr: {}",
+        String::from_utf8_lossy(&err)
+    );
     assert!(out.starts_with("Linux "), "uname -a printed {out:?}");
     // The session was created on first use, on the default runtime.
-    let sess = s.client.get_session(&session).await.expect("session exists");
+    let sess = s
+        .client
+        .get_session(&session)
+        .await
+        .expect("session exists");
     assert_eq!(sess.runtime, "default");
 }
 
@@ -25,17 +36,27 @@ async fn exec_propagates_exit_codes_and_signals() {
         return;
     };
     let session = uniq("codes");
-    let (_, _, code) = s.cli(&["exec", "-s", &session, "--", "sh", "-c", "exit 7"]).await;
+    let (_, _, code) = s
+        .cli(&["exec", "-s", &session, "--", "sh", "-c", "exit 7"])
+        .await;
     assert_eq!(code, 7);
-    let (_, _, code) = s.cli(&["exec", "-s", &session, "--", "sh", "-c", "kill -TERM $$"]).await;
+    let (_, _, code) = s
+        .cli(&["exec", "-s", &session, "--", "sh", "-c", "kill -TERM $$"])
+        .await;
     assert_eq!(code, 128 + 15, "killed by SIGTERM → 143");
-    let (_, _, code) = s.cli(&["exec", "-s", &session, "--", "sh", "-c", "kill -KILL $$"]).await;
+    let (_, _, code) = s
+        .cli(&["exec", "-s", &session, "--", "sh", "-c", "kill -KILL $$"])
+        .await;
     assert_eq!(code, 128 + 9);
     let (_, _, code) = s.cli(&["exec", "-s", &session, "--", "true"]).await;
     assert_eq!(code, 0);
     // The API reports the same facts structurally.
     let o = s.exec(&session, "kill -TERM $$").await;
-    assert_eq!((o.code, o.signal, o.timed_out), (None, Some(15), false), "{o:?}");
+    assert_eq!(
+        (o.code, o.signal, o.timed_out),
+        (None, Some(15), false),
+        "{o:?}"
+    );
     let o = s.exec(&session, "exit 7").await;
     assert_eq!((o.code, o.signal), (Some(7), None), "{o:?}");
 }
@@ -63,7 +84,9 @@ async fn exec_sends_stdout_and_stderr_to_the_matching_streams() {
     assert_eq!(String::from_utf8_lossy(&err), "to-err\nmore-err\n");
     // Arguments survive unchanged (no re-splitting by a shell).
     let (out, _, code) = s
-        .cli(&["exec", "-s", &session, "--", "printf", "[%s]", "a b", "$HOME", "'q'"])
+        .cli(&[
+            "exec", "-s", &session, "--", "printf", "[%s]", "a b", "$HOME", "'q'",
+        ])
         .await;
     assert_eq!(code, 0);
     assert_eq!(String::from_utf8_lossy(&out), "[a b][$HOME]['q']");
@@ -98,7 +121,11 @@ fn read_tree(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                let rel = p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+                let rel = p
+                    .strip_prefix(root)
+                    .expect("prefix")
+                    .to_string_lossy()
+                    .into_owned();
                 out.push((rel, std::fs::read(&p).expect("read")));
             }
         }
@@ -111,7 +138,8 @@ fn read_tree(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test]
 async fn cp_copies_files_and_directories_both_ways_byte_exact() {
-    let Some(s) = Server::start("cp_copies_files_and_directories_both_ways_byte_exact").await else {
+    let Some(s) = Server::start("cp_copies_files_and_directories_both_ways_byte_exact").await
+    else {
         return;
     };
     let rt = s.runtime(&uniq("rt"), |_| {}).await;
@@ -122,26 +150,51 @@ async fn cp_copies_files_and_directories_both_ways_byte_exact() {
     let file: Vec<u8> = (0..=255u8).cycle().take(3 << 20).collect();
     let up = local.path().join("file.bin");
     std::fs::write(&up, &file).expect("write");
-    s.cli_ok(&["cp", up.to_str().expect("utf8"), &format!("{session}:/mnt/workspace/file.bin")])
-        .await;
-    let sum = s.exec(&session, "sha256sum /mnt/workspace/file.bin").await.ok().out();
+    s.cli_ok(&[
+        "cp",
+        up.to_str().expect("utf8"),
+        &format!("{session}:/mnt/workspace/file.bin"),
+    ])
+    .await;
+    let sum = s
+        .exec(&session, "sha256sum /mnt/workspace/file.bin")
+        .await
+        .ok()
+        .out();
     assert!(sum.starts_with(&sha256_hex(&file)), "inside: {sum}");
     let down = local.path().join("back.bin");
-    s.cli_ok(&["cp", &format!("{session}:/mnt/workspace/file.bin"), down.to_str().expect("utf8")])
-        .await;
-    assert!(std::fs::read(&down).expect("read") == file, "file round trip differs");
+    s.cli_ok(&[
+        "cp",
+        &format!("{session}:/mnt/workspace/file.bin"),
+        down.to_str().expect("utf8"),
+    ])
+    .await;
+    assert!(
+        std::fs::read(&down).expect("read") == file,
+        "file round trip differs"
+    );
 
     // A directory, up and down.
     let tree = local.path().join("tree");
     write_tree(&tree);
-    s.cli_ok(&["cp", tree.to_str().expect("utf8"), &format!("{session}:/mnt/workspace/up")])
-        .await;
+    s.cli_ok(&[
+        "cp",
+        tree.to_str().expect("utf8"),
+        &format!("{session}:/mnt/workspace/up"),
+    ])
+    .await;
     let listing = s
-        .exec(&session, "cd /mnt/workspace/up && find . -type f | sort && sha256sum sub/bin.dat")
+        .exec(
+            &session,
+            "cd /mnt/workspace/up && find . -type f | sort && sha256sum sub/bin.dat",
+        )
         .await
         .ok()
         .out();
-    assert!(listing.contains("./a.txt") && listing.contains("./sub/deeper/z"), "{listing}");
+    assert!(
+        listing.contains("./a.txt") && listing.contains("./sub/deeper/z"),
+        "{listing}"
+    );
     // Made inside the sandbox, copied out.
     s.exec(
         &session,
@@ -150,19 +203,39 @@ async fn cp_copies_files_and_directories_both_ways_byte_exact() {
     .await
     .ok();
     let out_dir = local.path().join("out");
-    s.cli_ok(&["cp", &format!("{session}:/mnt/workspace/made"), out_dir.to_str().expect("utf8")])
-        .await;
+    s.cli_ok(&[
+        "cp",
+        &format!("{session}:/mnt/workspace/made"),
+        out_dir.to_str().expect("utf8"),
+    ])
+    .await;
     let got = read_tree(&out_dir);
     let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["r", "x/f"], "downloaded tree");
     assert_eq!(got[1].1, b"inside\n");
-    let inside = s.exec(&session, "sha256sum /mnt/workspace/made/r").await.ok().out();
-    assert!(inside.starts_with(&sha256_hex(&got[0].1)), "binary file in dir differs");
+    let inside = s
+        .exec(&session, "sha256sum /mnt/workspace/made/r")
+        .await
+        .ok()
+        .out();
+    assert!(
+        inside.starts_with(&sha256_hex(&got[0].1)),
+        "binary file in dir differs"
+    );
 
     // The uploaded directory comes back identical.
     let back = local.path().join("back-tree");
-    s.cli_ok(&["cp", &format!("{session}:/mnt/workspace/up"), back.to_str().expect("utf8")]).await;
-    assert_eq!(read_tree(&back), read_tree(&tree), "directory round trip differs");
+    s.cli_ok(&[
+        "cp",
+        &format!("{session}:/mnt/workspace/up"),
+        back.to_str().expect("utf8"),
+    ])
+    .await;
+    assert_eq!(
+        read_tree(&back),
+        read_tree(&tree),
+        "directory round trip differs"
+    );
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {

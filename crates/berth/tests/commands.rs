@@ -15,7 +15,9 @@ async fn binary_output_of_100_mib_arrives_intact() {
     let Some(s) = Server::start("binary_output_of_100_mib_arrives_intact").await else {
         return;
     };
-    let rt = s.runtime(&uniq("rt"), |r| r.workspace_size = 256 << 20).await;
+    let rt = s
+        .runtime(&uniq("rt"), |r| r.workspace_size = 256 << 20)
+        .await;
     let session = s.session(&uniq("blob"), &rt).await;
     let mut stream = s
         .client
@@ -41,7 +43,10 @@ async fn binary_output_of_100_mib_arrives_intact() {
             }
             CommandEvent::Exit { code, .. } => exit = Some(code),
             CommandEvent::Stderr { data } => {
-                panic!("stderr: {:?}", String::from_utf8_lossy(&b64.decode(data).expect("b64")))
+                panic!(
+                    "stderr: {:?}",
+                    String::from_utf8_lossy(&b64.decode(data).expect("b64"))
+                )
             }
             CommandEvent::Error { error } => panic!("error event: {error:?}"),
             CommandEvent::Started { .. } => {}
@@ -50,8 +55,16 @@ async fn binary_output_of_100_mib_arrives_intact() {
     assert_eq!(exit, Some(Some(0)));
     assert_eq!(len, 100 << 20, "byte count");
     let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    let inside = s.exec(&session, "sha256sum /mnt/workspace/blob").await.ok().out();
-    assert_eq!(inside.split_whitespace().next(), Some(got.as_str()), "sha256 differs");
+    let inside = s
+        .exec(&session, "sha256sum /mnt/workspace/blob")
+        .await
+        .ok()
+        .out();
+    assert_eq!(
+        inside.split_whitespace().next(),
+        Some(got.as_str()),
+        "sha256 differs"
+    );
 }
 
 #[tokio::test]
@@ -119,22 +132,39 @@ async fn a_client_that_disconnects_kills_the_command() {
     let mut out = Vec::new();
     while !String::from_utf8_lossy(&out).contains("started") {
         match tokio::time::timeout(common::DEADLINE, stream.next()).await {
-            Ok(Some(Ok(CommandEvent::Stdout { data }))) => out.extend(b64.decode(data).expect("b64")),
+            Ok(Some(Ok(CommandEvent::Stdout { data }))) => {
+                out.extend(b64.decode(data).expect("b64"))
+            }
             Ok(Some(Ok(CommandEvent::Started { .. }))) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
     let running = s.exec(&session, "pgrep -f 'sleep 1000'").await;
-    assert_eq!(running.code, Some(0), "the command runs before the disconnect");
+    assert_eq!(
+        running.code,
+        Some(0),
+        "the command runs before the disconnect"
+    );
     drop(stream);
-    common::poll("the disconnected command's processes to be gone", || async {
-        let o = s.exec(&session, "pgrep -f 'sleep 1000'").await;
-        (o.code == Some(1)).then_some(())
-    })
+    common::poll(
+        "the disconnected command's processes to be gone",
+        || async {
+            let o = s.exec(&session, "pgrep -f 'sleep 1000'").await;
+            (o.code == Some(1)).then_some(())
+        },
+    )
     .await;
     // The CLI: killing `berth exec` hangs up too.
     let mut child = s
-        .cli_command(&["exec", "-s", &session, "--", "sh", "-c", "echo cli-started; sleep 1000.75"])
+        .cli_command(&[
+            "exec",
+            "-s",
+            &session,
+            "--",
+            "sh",
+            "-c",
+            "echo cli-started; sleep 1000.75",
+        ])
         .spawn()
         .expect("spawn");
     let mut stdout = child.stdout.take().expect("stdout");
@@ -156,7 +186,8 @@ async fn a_client_that_disconnects_kills_the_command() {
 
 #[tokio::test]
 async fn a_slow_reader_gets_everything_and_stdin_cwd_env_work() {
-    let Some(s) = Server::start("a_slow_reader_gets_everything_and_stdin_cwd_env_work").await else {
+    let Some(s) = Server::start("a_slow_reader_gets_everything_and_stdin_cwd_env_work").await
+    else {
         return;
     };
     let session = uniq("slow");
@@ -188,13 +219,21 @@ async fn a_slow_reader_gets_everything_and_stdin_cwd_env_work() {
     }
     assert_eq!(code, Some(0));
     let expected: String = (1..=200000).map(|i| format!("{i}\n")).collect();
-    assert!(out == expected.as_bytes(), "seq output differs ({} bytes)", out.len());
+    assert!(
+        out == expected.as_bytes(),
+        "seq output differs ({} bytes)",
+        out.len()
+    );
 
     let o = s
         .exec_req(
             &session,
             CommandRequest {
-                argv: Some(vec!["sh".into(), "-c".into(), "pwd; echo \"$GREETING\"; cat".into()]),
+                argv: Some(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "pwd; echo \"$GREETING\"; cat".into(),
+                ]),
                 cwd: Some("/tmp".into()),
                 env: [("GREETING".to_string(), "hi there".to_string())].into(),
                 stdin_b64: Some(b64.encode(b"\x00\x01binary\xff")),

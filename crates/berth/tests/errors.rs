@@ -22,30 +22,69 @@ fn assert_error(got: &(u16, Value), status: u16, code: &str, names: Option<&str>
     assert_eq!(*st, status, "status for body {body}");
     let err = &body["error"];
     assert_eq!(err["code"], code, "code in {body}");
-    let msg = err["message"].as_str().unwrap_or_else(|| panic!("message in {body}"));
+    let msg = err["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("message in {body}"));
     assert!(!msg.is_empty(), "empty message");
     if let Some(name) = names {
         let field = err["field"].as_str().unwrap_or_default();
-        assert!(msg.contains(name) || field == name, "{body} does not name {name:?}");
+        assert!(
+            msg.contains(name) || field == name,
+            "{body} does not name {name:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn unknown_things_are_404_and_bad_input_is_400_naming_the_field() {
-    let Some(s) = Server::start("unknown_things_are_404_and_bad_input_is_400_naming_the_field")
-        .await
+    let Some(s) =
+        Server::start("unknown_things_are_404_and_bad_input_is_400_naming_the_field").await
     else {
         return;
     };
     let get = |p: &str| s.http(Method::GET, p);
-    assert_error(&call(get("/v1/sessions/x")).await, 404, "not_found", Some("x"));
-    assert_error(&call(get("/v1/runtimes/nope")).await, 404, "not_found", Some("nope"));
-    assert_error(&call(s.http(Method::DELETE, "/v1/sessions/nope")).await, 404, "not_found", None);
-    assert_error(&call(s.http(Method::POST, "/v1/sessions/nope/stop")).await, 404, "not_found", None);
-    assert_error(&call(s.http(Method::DELETE, "/v1/runtimes/nope")).await, 404, "not_found", None);
-    assert_error(&call(get("/v1/no/such/route")).await, 404, "not_found", None);
     assert_error(
-        &call(s.http(Method::POST, "/v1/sessions").json(&json!({"runtime": "nope"}))).await,
+        &call(get("/v1/sessions/x")).await,
+        404,
+        "not_found",
+        Some("x"),
+    );
+    assert_error(
+        &call(get("/v1/runtimes/nope")).await,
+        404,
+        "not_found",
+        Some("nope"),
+    );
+    assert_error(
+        &call(s.http(Method::DELETE, "/v1/sessions/nope")).await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        &call(s.http(Method::POST, "/v1/sessions/nope/stop")).await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        &call(s.http(Method::DELETE, "/v1/runtimes/nope")).await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        &call(get("/v1/no/such/route")).await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        &call(
+            s.http(Method::POST, "/v1/sessions")
+                .json(&json!({"runtime": "nope"})),
+        )
+        .await,
         404,
         "not_found",
         Some("nope"),
@@ -59,13 +98,25 @@ async fn unknown_things_are_404_and_bad_input_is_400_naming_the_field() {
 
     // Invalid ids, in bodies and in paths.
     for bad in ["../etc", "a/b", ".hidden", "-x", "a b", ""] {
-        let r = call(s.http(Method::POST, "/v1/sessions").json(&json!({"id": bad}))).await;
+        let r = call(
+            s.http(Method::POST, "/v1/sessions")
+                .json(&json!({"id": bad})),
+        )
+        .await;
         assert_error(&r, 400, "invalid_argument", Some("id"));
-        let r = call(s.http(Method::POST, "/v1/runtimes").json(&json!({"name": bad}))).await;
+        let r = call(
+            s.http(Method::POST, "/v1/runtimes")
+                .json(&json!({"name": bad})),
+        )
+        .await;
         assert_error(&r, 400, "invalid_argument", Some("name"));
     }
     let long = "x".repeat(129);
-    let r = call(s.http(Method::POST, "/v1/sessions").json(&json!({"id": long}))).await;
+    let r = call(
+        s.http(Method::POST, "/v1/sessions")
+            .json(&json!({"id": long})),
+    )
+    .await;
     assert_error(&r, 400, "invalid_argument", Some("id"));
     // (`%2E%2E` is normalised away by the HTTP client; the raw-path test covers it.)
     for bad in ["a%20b", ".hidden", "..x", "a%2Fb", "-x"] {
@@ -80,7 +131,8 @@ async fn unknown_things_are_404_and_bad_input_is_400_naming_the_field() {
     // Invalid parameters.
     let session = uniq("params");
     let cmd = |body: Value| {
-        s.http(Method::POST, &format!("/v1/sessions/{session}/commands")).json(&body)
+        s.http(Method::POST, &format!("/v1/sessions/{session}/commands"))
+            .json(&body)
     };
     let cases: Vec<(Value, &str)> = vec![
         (json!({"command": "true", "timeout_s": -1}), "timeout_s"),
@@ -129,7 +181,10 @@ async fn unknown_things_are_404_and_bad_input_is_400_naming_the_field() {
             json!({"mounts": (0..6).map(|i| json!({"source": "/usr", "target": format!("/m{i}")})).collect::<Vec<_>>()}),
             "mounts",
         ),
-        (json!({"mounts": [{"source": "relative", "target": "/m"}]}), "mounts"),
+        (
+            json!({"mounts": [{"source": "relative", "target": "/m"}]}),
+            "mounts",
+        ),
     ];
     for (extra, field) in cases {
         let r = call(rt(extra.clone())).await;
@@ -137,17 +192,24 @@ async fn unknown_things_are_404_and_bad_input_is_400_naming_the_field() {
     }
     // A taken name is a conflict, and the error is still JSON.
     let name = s.runtime(&uniq("dup"), |_| {}).await;
-    let r = call(s.http(Method::POST, "/v1/runtimes").json(&json!({"name": name}))).await;
+    let r = call(
+        s.http(Method::POST, "/v1/runtimes")
+            .json(&json!({"name": name})),
+    )
+    .await;
     assert_error(&r, 409, "already_exists", Some(&name));
     // Nothing above created a session.
     let sessions = s.client.list_sessions().await.expect("list");
-    assert!(sessions.is_empty(), "bad requests created sessions: {sessions:?}");
+    assert!(
+        sessions.is_empty(),
+        "bad requests created sessions: {sessions:?}"
+    );
 }
 
 #[tokio::test]
 async fn oversize_bodies_get_413_and_missing_or_wrong_tokens_get_401() {
-    let Some(s) = Server::start("oversize_bodies_get_413_and_missing_or_wrong_tokens_get_401")
-        .await
+    let Some(s) =
+        Server::start("oversize_bodies_get_413_and_missing_or_wrong_tokens_get_401").await
     else {
         return;
     };
@@ -165,8 +227,17 @@ async fn oversize_bodies_get_413_and_missing_or_wrong_tokens_get_401() {
     for path in ["/v1/sessions", "/v1/runtimes", "/v1/sessions/x", "/v1/info"] {
         let url = format!("{}{path}", s.url);
         assert_error(&call(http.get(&url)).await, 401, "unauthenticated", None);
-        assert_error(&call(http.get(&url).bearer_auth("wrong")).await, 401, "unauthenticated", None);
-        let r = call(http.get(&url).header("authorization", format!("Basic {}", s.token))).await;
+        assert_error(
+            &call(http.get(&url).bearer_auth("wrong")).await,
+            401,
+            "unauthenticated",
+            None,
+        );
+        let r = call(
+            http.get(&url)
+                .header("authorization", format!("Basic {}", s.token)),
+        )
+        .await;
         assert_error(&r, 401, "unauthenticated", None);
     }
     let r = call(
@@ -186,14 +257,21 @@ async fn oversize_bodies_get_413_and_missing_or_wrong_tokens_get_401() {
     assert_ne!(code, 0);
     assert!(!err.is_empty());
     // /healthz needs no token.
-    let r = http.get(format!("{}/healthz", s.url)).send().await.expect("healthz");
+    let r = http
+        .get(format!("{}/healthz", s.url))
+        .send()
+        .await
+        .expect("healthz");
     assert!(r.status().is_success());
 }
 
 #[tokio::test]
 async fn too_many_running_sandboxes_get_429() {
-    let Some(s) = Server::start_with("too_many_running_sandboxes_get_429", &["--max-sandboxes", "1"])
-        .await
+    let Some(s) = Server::start_with(
+        "too_many_running_sandboxes_get_429",
+        &["--max-sandboxes", "1"],
+    )
+    .await
     else {
         return;
     };
@@ -203,7 +281,8 @@ async fn too_many_running_sandboxes_get_429() {
     let r = call(s.http(Method::POST, "/v1/sessions").json(&json!({"id": b}))).await;
     assert_error(&r, 429, "resource_exhausted", None);
     let r = call(
-        s.http(Method::POST, &format!("/v1/sessions/{b}/commands")).json(&json!({"command": "true"})),
+        s.http(Method::POST, &format!("/v1/sessions/{b}/commands"))
+            .json(&json!({"command": "true"})),
     )
     .await;
     assert_error(&r, 429, "resource_exhausted", None);
@@ -219,7 +298,9 @@ async fn too_many_running_sandboxes_get_429() {
 /// Raw HTTP/1.1 GET, so that `..` and `%2e%2e` reach the server unnormalised.
 async fn raw_get(s: &Server, path: &str) -> (u16, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.expect("connect");
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .expect("connect");
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
         s.token
@@ -227,15 +308,24 @@ async fn raw_get(s: &Server, path: &str) -> (u16, Vec<u8>) {
     conn.write_all(req.as_bytes()).await.expect("write");
     let mut resp = Vec::new();
     conn.read_to_end(&mut resp).await.expect("read");
-    let head_end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    let head_end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head")
+        + 4;
     let head = String::from_utf8_lossy(&resp[..head_end]).to_ascii_lowercase();
-    let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
     let mut body = resp[head_end..].to_vec();
     if head.contains("transfer-encoding: chunked") {
         let mut out = Vec::new();
         let mut rest = &body[..];
         while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                .unwrap_or(0);
             if n == 0 {
                 break;
             }
@@ -254,12 +344,17 @@ async fn no_path_a_client_sends_reaches_outside_its_session() {
     };
     let session = uniq("paths");
     let other = uniq("neighbour");
-    s.exec(&other, "echo neighbour-secret > /mnt/workspace/n").await.ok();
+    s.exec(&other, "echo neighbour-secret > /mnt/workspace/n")
+        .await
+        .ok();
     let token = s.token.clone();
     let dd = s.data_dir.display().to_string();
     let host_shadow = std::fs::read("/etc/shadow").unwrap_or_default();
     // A host-only marker file, and a host dir nothing may be written into.
-    let host_dir = tempfile::Builder::new().prefix("berth-it-host-").tempdir().expect("tmp");
+    let host_dir = tempfile::Builder::new()
+        .prefix("berth-it-host-")
+        .tempdir()
+        .expect("tmp");
     std::fs::write(host_dir.path().join("host-only"), b"host-only-content").expect("write");
     let hd = host_dir.path().display().to_string();
     s.exec(
@@ -284,7 +379,11 @@ async fn no_path_a_client_sends_reaches_outside_its_session() {
         if text.contains("neighbour-secret") {
             return Some("another session's file".into());
         }
-        if host_shadow.len() > 20 && body.windows(host_shadow.len().min(64)).any(|w| w == &host_shadow[..host_shadow.len().min(64)]) {
+        if host_shadow.len() > 20
+            && body
+                .windows(host_shadow.len().min(64))
+                .any(|w| w == &host_shadow[..host_shadow.len().min(64)])
+        {
             return Some("the host's /etc/shadow".into());
         }
         None
@@ -321,8 +420,12 @@ async fn no_path_a_client_sends_reaches_outside_its_session() {
             panic!("GET {p} ({status}) revealed {what}");
         }
         if status >= 400 {
-            let v: Value = serde_json::from_slice(&body)
-                .unwrap_or_else(|_| panic!("GET {p}: {status} without a JSON error body: {:?}", String::from_utf8_lossy(&body)));
+            let v: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+                panic!(
+                    "GET {p}: {status} without a JSON error body: {:?}",
+                    String::from_utf8_lossy(&body)
+                )
+            });
             assert!(v["error"]["code"].is_string(), "GET {p}: {v}");
         }
     }
@@ -368,14 +471,21 @@ async fn no_path_a_client_sends_reaches_outside_its_session() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     written.sort();
-    assert_eq!(written, ["host-only"], "the client wrote into a host directory");
+    assert_eq!(
+        written,
+        ["host-only"],
+        "the client wrote into a host directory"
+    );
     assert_eq!(
         std::fs::read(host_dir.path().join("host-only")).expect("read"),
         b"host-only-content",
         "the client overwrote a host file"
     );
     // The neighbour's workspace is untouched and unread.
-    assert_eq!(s.exec(&other, "cat /mnt/workspace/n").await.ok().out(), "neighbour-secret\n");
+    assert_eq!(
+        s.exec(&other, "cat /mnt/workspace/n").await.ok().out(),
+        "neighbour-secret\n"
+    );
 }
 
 #[tokio::test]
@@ -385,7 +495,10 @@ async fn the_openapi_document_lists_the_v1_paths() {
     };
     let (status, doc) = call(s.http(Method::GET, "/v1/openapi.json")).await;
     assert_eq!(status, 200);
-    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')), "{doc}");
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')),
+        "{doc}"
+    );
     let paths = doc["paths"].as_object().expect("paths");
     for p in [
         "/v1/runtimes",
@@ -396,11 +509,25 @@ async fn the_openapi_document_lists_the_v1_paths() {
         "/v1/sessions/{id}/commands",
         "/v1/sessions/{id}/files/{path}",
     ] {
-        assert!(paths.contains_key(p), "openapi.json lacks {p}: {:?}", paths.keys().collect::<Vec<_>>());
+        assert!(
+            paths.contains_key(p),
+            "openapi.json lacks {p}: {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
     }
-    assert!(paths.keys().all(|p| p.starts_with("/v1/")), "{:?}", paths.keys());
+    assert!(
+        paths.keys().all(|p| p.starts_with("/v1/")),
+        "{:?}",
+        paths.keys()
+    );
     let schemas = doc["components"]["schemas"].as_object().expect("schemas");
-    for name in ["RuntimeSpec", "Session", "CommandRequest", "CommandEvent", "ErrorBody"] {
+    for name in [
+        "RuntimeSpec",
+        "Session",
+        "CommandRequest",
+        "CommandEvent",
+        "ErrorBody",
+    ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
 }

@@ -44,13 +44,21 @@ async fn start_until(
                     seen.stderr.extend(b64.decode(data).expect("b64"))
                 }
                 berth_api::CommandEvent::Started { .. } => {}
-                other => panic!("{cmd:?} ended before {ready:?}: {other:?}; {seen:?} {}", seen.err()),
+                other => panic!(
+                    "{cmd:?} ended before {ready:?}: {other:?}; {seen:?} {}",
+                    seen.err()
+                ),
             }
         }
         false
     })
     .await;
-    assert_eq!(found, Ok(true), "{cmd:?} never printed {ready:?}: {}", seen.err());
+    assert_eq!(
+        found,
+        Ok(true),
+        "{cmd:?} never printed {ready:?}: {}",
+        seen.err()
+    );
     tokio::spawn(async move { common::collect(stream).await })
 }
 
@@ -86,7 +94,10 @@ async fn two_sessions_listen_on_the_same_port_at_the_same_time() {
     // Both are bound to 127.0.0.1:5432 right now, and each session reaches its own.
     assert_eq!(s.exec(&a, CONNECT).await.ok().out().trim(), "answer-from-A");
     assert_eq!(s.exec(&b, CONNECT).await.ok().out().trim(), "answer-from-B");
-    assert!(!la.is_finished() && !lb.is_finished(), "both listeners still run");
+    assert!(
+        !la.is_finished() && !lb.is_finished(),
+        "both listeners still run"
+    );
     // Disconnect both (kills the listeners) before the server is stopped.
     la.abort();
     lb.abort();
@@ -105,19 +116,19 @@ async fn a_session_sees_neither_processes_nor_files_of_another() {
     let b = s.session(&uniq("see-b"), &rt).await;
     let marker = uniq("marker");
     // B: a file in its workspace and in its /tmp, and a process with a recognisable argv.
-    s.exec(&b, &format!("echo secret-of-b > /mnt/workspace/{marker}; echo x > /tmp/{marker}.tmp"))
-        .await
-        .ok();
-    let held = start_until(
-        &s,
+    s.exec(
         &b,
-        "echo started; exec sleep 4242.25",
-        "started",
+        &format!("echo secret-of-b > /mnt/workspace/{marker}; echo x > /tmp/{marker}.tmp"),
     )
-    .await;
+    .await
+    .ok();
+    let held = start_until(&s, &b, "echo started; exec sleep 4242.25", "started").await;
     // Sanity: B itself sees its process.
     common::poll("B's sleep to show up in B", || async {
-        s.exec(&b, "pgrep -f 'sleep 4242.25'").await.code.filter(|c| *c == 0)
+        s.exec(&b, "pgrep -f 'sleep 4242.25'")
+            .await
+            .code
+            .filter(|c| *c == 0)
     })
     .await;
 
@@ -127,10 +138,16 @@ async fn a_session_sees_neither_processes_nor_files_of_another() {
         .exec(&a, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '")
         .await
         .out();
-    assert!(!procs.contains("4242.25"), "A sees B's process in /proc:\n{procs}");
+    assert!(
+        !procs.contains("4242.25"),
+        "A sees B's process in /proc:\n{procs}"
+    );
     // A's pid namespace holds only A's processes: the guest (pid 1) and this command.
     let pids = s.exec(&a, "ls -d /proc/[0-9]* | wc -l").await.ok().out();
-    assert!(pids.trim().parse::<u32>().expect("count") < 10, "A sees {pids} pids");
+    assert!(
+        pids.trim().parse::<u32>().expect("count") < 10,
+        "A sees {pids} pids"
+    );
 
     let found = s
         .exec(
@@ -143,14 +160,20 @@ async fn a_session_sees_neither_processes_nor_files_of_another() {
         .out();
     assert!(found.trim().is_empty(), "A finds B's files: {found}");
     let grep = s
-        .exec(&a, "grep -rsl secret-of-b /mnt /tmp /run /var/tmp /root /home; true")
+        .exec(
+            &a,
+            "grep -rsl secret-of-b /mnt /tmp /run /var/tmp /root /home; true",
+        )
         .await
         .out();
     assert!(grep.trim().is_empty(), "A reads B's data: {grep}");
     // Neither the data dir nor the other workspace image is reachable by path.
     let dd = s.data_dir.display().to_string();
     let o = s
-        .exec(&a, &format!("ls -d '{dd}' '{dd}/workspaces/{b}.ext4' /mnt/workspace/../{b} 2>&1"))
+        .exec(
+            &a,
+            &format!("ls -d '{dd}' '{dd}/workspaces/{b}.ext4' /mnt/workspace/../{b} 2>&1"),
+        )
         .await;
     assert_ne!(o.code, Some(0), "data dir visible in A: {}", o.out());
     held.abort();
@@ -183,12 +206,26 @@ async fn host_root_home_data_dir_and_shadow_are_invisible() {
 
     for d in [&root_dir.0, &home_dir.0] {
         let o = s
-            .exec(&session, &format!("cat '{}/secret.txt' 2>&1; ls -la '{}' 2>&1", d.display(), d.display()))
+            .exec(
+                &session,
+                &format!(
+                    "cat '{}/secret.txt' 2>&1; ls -la '{}' 2>&1",
+                    d.display(),
+                    d.display()
+                ),
+            )
             .await;
-        assert!(!o.out().contains("host-secret"), "host file visible: {}", o.out());
+        assert!(
+            !o.out().contains("host-secret"),
+            "host file visible: {}",
+            o.out()
+        );
     }
     let ls = s.exec(&session, "ls -A /root /home 2>&1").await.out();
-    assert!(!ls.contains(&name), "host /root or /home listed inside:\n{ls}");
+    assert!(
+        !ls.contains(&name),
+        "host /root or /home listed inside:\n{ls}"
+    );
     let found = s
         .exec(
             &session,
@@ -200,7 +237,11 @@ async fn host_root_home_data_dir_and_shadow_are_invisible() {
 
     // /etc/shadow is masked: unreadable or empty, never the host's content.
     let o = s.exec(&session, "cat /etc/shadow").await;
-    assert!(o.stdout.is_empty(), "/etc/shadow readable inside: {} bytes", o.stdout.len());
+    assert!(
+        o.stdout.is_empty(),
+        "/etc/shadow readable inside: {} bytes",
+        o.stdout.len()
+    );
     if !shadow.is_empty() {
         let first_user = String::from_utf8_lossy(&shadow)
             .lines()
@@ -212,17 +253,29 @@ async fn host_root_home_data_dir_and_shadow_are_invisible() {
                 .exec(&session, &format!("grep -rsF '{first_user}' /etc; true"))
                 .await
                 .out();
-            assert!(g.trim().is_empty(), "host password hash readable inside: {g}");
+            assert!(
+                g.trim().is_empty(),
+                "host password hash readable inside: {g}"
+            );
         }
     }
-    for f in ["/etc/gshadow", "/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"] {
+    for f in [
+        "/etc/gshadow",
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/etc/ssh/ssh_host_rsa_key",
+    ] {
         let o = s.exec(&session, &format!("cat {f} 2>/dev/null")).await;
         assert!(o.stdout.is_empty(), "{f} readable inside");
     }
 
     // The data dir (and the admin token in it) does not exist inside.
     let dd = s.data_dir.display().to_string();
-    let o = s.exec(&session, &format!("ls -la '{dd}' 2>&1; cat '{dd}/admin.token' 2>&1")).await;
+    let o = s
+        .exec(
+            &session,
+            &format!("ls -la '{dd}' 2>&1; cat '{dd}/admin.token' 2>&1"),
+        )
+        .await;
     assert!(!o.out().contains(&s.token), "admin token readable inside");
     let o = s.exec(&session, &format!("test -e '{dd}'")).await;
     assert_eq!(o.code, Some(1), "data dir path exists inside the sandbox");
@@ -240,9 +293,17 @@ async fn host_root_home_data_dir_and_shadow_are_invisible() {
 fn host_ips() -> Vec<String> {
     let out = std::process::Command::new("hostname").arg("-I").output();
     let mut ips: Vec<String> = out
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_string).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default();
-    ips.retain(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok_and(|a| !a.is_loopback()));
+    ips.retain(|ip| {
+        ip.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| !a.is_loopback())
+    });
     ips
 }
 
@@ -252,7 +313,9 @@ async fn the_sandbox_cannot_reach_the_berth_api() {
         return;
     };
     // A listener on every host address, to show that no host port is reachable at all.
-    let any = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let any = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
     let any_port = any.local_addr().expect("addr").port();
     let accepted = tokio::spawn(async move { any.accept().await.is_ok() });
 
@@ -278,15 +341,28 @@ async fn the_sandbox_cannot_reach_the_berth_api() {
             "sandbox reached {ip}:{port}: {o:?}"
         );
         let o = s
-            .exec(&session, &format!("curl -s -m 3 http://{ip}:{port}/healthz"))
+            .exec(
+                &session,
+                &format!("curl -s -m 3 http://{ip}:{port}/healthz"),
+            )
             .await;
-        assert!(!o.out().contains("ok"), "sandbox reached the API at {ip}:{port}");
+        assert!(
+            !o.out().contains("ok"),
+            "sandbox reached the API at {ip}:{port}"
+        );
     }
     // Only the loopback interface exists.
     let links = s.exec(&session, "ls /sys/class/net").await.ok().out();
-    assert_eq!(links.split_whitespace().collect::<Vec<_>>(), ["lo"], "interfaces: {links}");
+    assert_eq!(
+        links.split_whitespace().collect::<Vec<_>>(),
+        ["lo"],
+        "interfaces: {links}"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!accepted.is_finished(), "the host listener accepted a connection from the sandbox");
+    assert!(
+        !accepted.is_finished(),
+        "the host listener accepted a connection from the sandbox"
+    );
     accepted.abort();
 }
 
@@ -311,10 +387,19 @@ async fn two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id()
     .ok();
     // Stopping the session on one server must not touch the other server's sandbox.
     s1.client.stop_session(&id).await.expect("stop on server 1");
-    let o = s2.exec(&id, "cat /mnt/workspace/who; pgrep -f 'sleep 1000.875'").await;
-    assert_eq!(o.code, Some(0), "server 2's sandbox was hit by server 1's stop: {o:?}");
+    let o = s2
+        .exec(&id, "cat /mnt/workspace/who; pgrep -f 'sleep 1000.875'")
+        .await;
+    assert_eq!(
+        o.code,
+        Some(0),
+        "server 2's sandbox was hit by server 1's stop: {o:?}"
+    );
     assert!(o.out().starts_with("two\n"), "{o:?}");
     let st = s2.client.get_session(&id).await.expect("get");
     assert_eq!(st.state, berth_api::SessionState::Running, "{st:?}");
-    assert!(st.stop_reason.is_none() || st.started_at_ms.is_some(), "{st:?}");
+    assert!(
+        st.stop_reason.is_none() || st.started_at_ms.is_some(),
+        "{st:?}"
+    );
 }

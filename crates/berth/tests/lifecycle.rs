@@ -27,7 +27,10 @@ async fn workspace_survives_stop_and_resume_and_the_rest_is_fresh() {
 
     // The next command resumes it in a fresh sandbox with the same workspace.
     let o = s
-        .exec(&session, "sha256sum -c /mnt/workspace/sum && test ! -e /tmp/ephemeral && echo fresh")
+        .exec(
+            &session,
+            "sha256sum -c /mnt/workspace/sum && test ! -e /tmp/ephemeral && echo fresh",
+        )
         .await
         .ok();
     assert!(o.out().contains("fresh"), "{o:?}");
@@ -43,19 +46,26 @@ async fn workspace_survives_stop_and_resume_and_the_rest_is_fresh() {
 
 #[tokio::test]
 async fn idle_timeout_stops_the_sandbox_and_the_next_command_resumes() {
-    let Some(s) = Server::start("idle_timeout_stops_the_sandbox_and_the_next_command_resumes").await
+    let Some(s) =
+        Server::start("idle_timeout_stops_the_sandbox_and_the_next_command_resumes").await
     else {
         return;
     };
     let rt = s.runtime(&uniq("rt-idle"), |r| r.idle_timeout_s = 2).await;
     let session = s.session(&uniq("idle"), &rt).await;
-    s.exec(&session, "echo kept > /mnt/workspace/kept; head -c 3000000 /dev/zero > /mnt/workspace/big; sync")
-        .await
-        .ok();
+    s.exec(
+        &session,
+        "echo kept > /mnt/workspace/kept; head -c 3000000 /dev/zero > /mnt/workspace/big; sync",
+    )
+    .await
+    .ok();
     let list = s.cli_ok(&["session", "list"]).await;
     let header = list.lines().next().unwrap_or_default().to_ascii_uppercase();
     for col in ["STATE", "RUNTIME", "CPU", "PEAK", "WORKSPACE"] {
-        assert!(header.contains(col), "`session list` header lacks {col}:\n{list}");
+        assert!(
+            header.contains(col),
+            "`session list` header lacks {col}:\n{list}"
+        );
     }
     let row = list
         .lines()
@@ -69,11 +79,26 @@ async fn idle_timeout_stops_the_sandbox_and_the_next_command_resumes() {
     })
     .await;
     assert_eq!(st.stop_reason.as_deref(), Some("idle_timeout"));
-    assert!(st.usage.cpu_seconds > 0.0, "cpu seconds recorded: {:?}", st.usage);
-    assert!(st.usage.peak_memory_bytes > 0, "peak memory recorded: {:?}", st.usage);
-    assert!(st.usage.workspace_bytes >= 3_000_000, "workspace bytes recorded: {:?}", st.usage);
+    assert!(
+        st.usage.cpu_seconds > 0.0,
+        "cpu seconds recorded: {:?}",
+        st.usage
+    );
+    assert!(
+        st.usage.peak_memory_bytes > 0,
+        "peak memory recorded: {:?}",
+        st.usage
+    );
+    assert!(
+        st.usage.workspace_bytes >= 3_000_000,
+        "workspace bytes recorded: {:?}",
+        st.usage
+    );
     let list = s.cli_ok(&["session", "list"]).await;
-    let row = list.lines().find(|l| l.contains(&session)).unwrap_or_default();
+    let row = list
+        .lines()
+        .find(|l| l.contains(&session))
+        .unwrap_or_default();
     assert!(row.contains("stopped"), "row: {row}");
 
     let o = s.exec(&session, "cat /mnt/workspace/kept").await.ok();
@@ -105,18 +130,27 @@ async fn data_and_session_survive_a_server_sigkill() {
     let rt = s.runtime(&uniq("rt"), |_| {}).await;
     let session = s.session(&uniq("durable"), &rt).await;
     let other = s.session(&uniq("stopped"), &rt).await;
-    s.exec(&other, "echo stopped-data > /mnt/workspace/f").await.ok();
+    s.exec(&other, "echo stopped-data > /mnt/workspace/f")
+        .await
+        .ok();
     s.client.stop_session(&other).await.expect("stop");
     // No sync: a finished command's writes must survive on their own.
     let sum = s
-        .exec(&session, "head -c 2000000 /dev/urandom > /mnt/workspace/blob && sha256sum /mnt/workspace/blob")
+        .exec(
+            &session,
+            "head -c 2000000 /dev/urandom > /mnt/workspace/blob && sha256sum /mnt/workspace/blob",
+        )
         .await
         .ok()
         .out();
     s.kill_server();
     s.restart().await;
 
-    let st = s.client.get_session(&session).await.expect("session record survives");
+    let st = s
+        .client
+        .get_session(&session)
+        .await
+        .expect("session record survives");
     assert_eq!(st.runtime, rt);
     let o = s.exec(&session, "sha256sum /mnt/workspace/blob").await.ok();
     assert_eq!(o.out(), sum, "workspace content after SIGKILL");
@@ -141,16 +175,22 @@ async fn data_and_session_survive_a_server_sigkill() {
     let mut left = s.leftovers(Some(&session));
     left.extend(s.leftovers(Some(&other)));
     left.extend(s.leftovers(Some(&fresh)));
-    assert!(left.is_empty(), "left behind after SIGKILL, restart and stop: {left:#?}");
+    assert!(
+        left.is_empty(),
+        "left behind after SIGKILL, restart and stop: {left:#?}"
+    );
 }
 
 #[tokio::test]
 async fn sigkill_while_commands_run_then_restart_reconciles() {
-    let Some(mut s) = Server::start("sigkill_while_commands_run_then_restart_reconciles").await else {
+    let Some(mut s) = Server::start("sigkill_while_commands_run_then_restart_reconciles").await
+    else {
         return;
     };
     let session = uniq("midflight");
-    s.exec(&session, "echo before > /mnt/workspace/before").await.ok();
+    s.exec(&session, "echo before > /mnt/workspace/before")
+        .await
+        .ok();
     // A command is running when the server dies.
     let mut st = s
         .client
@@ -178,7 +218,8 @@ async fn sigkill_while_commands_run_then_restart_reconciles() {
 
 #[tokio::test]
 async fn nothing_leaks_after_session_delete_and_after_server_stop() {
-    let Some(mut s) = Server::start("nothing_leaks_after_session_delete_and_after_server_stop").await
+    let Some(mut s) =
+        Server::start("nothing_leaks_after_session_delete_and_after_server_stop").await
     else {
         return;
     };
@@ -187,9 +228,12 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
     let kept = s.session(&uniq("kept"), &rt).await;
     for id in [&gone, &kept] {
         // A process that escapes its command's process group and session.
-        s.exec(id, "setsid nohup sleep 1000.5 >/dev/null 2>&1 < /dev/null & echo x > /mnt/workspace/x")
-            .await
-            .ok();
+        s.exec(
+            id,
+            "setsid nohup sleep 1000.5 >/dev/null 2>&1 < /dev/null & echo x > /mnt/workspace/x",
+        )
+        .await
+        .ok();
     }
     // Test the test: while running, the checks do see the sandbox.
     let live = s.leftovers(Some(&gone));
@@ -197,8 +241,14 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
         live.iter().any(|l| l.starts_with("mount")) && live.iter().any(|l| l.starts_with("cgroup")),
         "leak detector sees nothing of a running session: {live:#?}"
     );
-    assert!(live.iter().any(|l| l.starts_with("loop")), "no loop device seen: {live:#?}");
-    assert!(live.iter().any(|l| l.starts_with("process")), "no process seen: {live:#?}");
+    assert!(
+        live.iter().any(|l| l.starts_with("loop")),
+        "no loop device seen: {live:#?}"
+    );
+    assert!(
+        live.iter().any(|l| l.starts_with("process")),
+        "no process seen: {live:#?}"
+    );
 
     s.cli_ok(&["session", "delete", &gone]).await;
     let err = s.client.get_session(&gone).await.expect_err("deleted");
@@ -208,13 +258,26 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
         .into_iter()
         .filter(|l| l.contains(&gone))
         .collect();
-    assert!(left.is_empty(), "left behind by `session delete`: {left:#?}");
+    assert!(
+        left.is_empty(),
+        "left behind by `session delete`: {left:#?}"
+    );
     let ws = s.data_dir.join("workspaces");
     let images: Vec<String> = std::fs::read_dir(&ws)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(!images.iter().any(|n| n.contains(&gone)), "workspace image kept: {images:?}");
-    assert!(images.iter().any(|n| n.contains(&kept)), "other workspace image gone: {images:?}");
+    assert!(
+        !images.iter().any(|n| n.contains(&gone)),
+        "workspace image kept: {images:?}"
+    );
+    assert!(
+        images.iter().any(|n| n.contains(&kept)),
+        "other workspace image gone: {images:?}"
+    );
     // The other session is untouched.
     s.exec(&kept, "cat /mnt/workspace/x").await.ok();
 
@@ -222,13 +285,20 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
     let mut left = s.leftovers(Some(&kept));
     left.extend(s.leftovers(Some(&gone)));
     assert!(left.is_empty(), "left behind after server stop: {left:#?}");
-    assert!(s.data_dir.join("workspaces").join(format!("{kept}.ext4")).exists(), "stop keeps workspaces");
+    assert!(
+        s.data_dir
+            .join("workspaces")
+            .join(format!("{kept}.ext4"))
+            .exists(),
+        "stop keeps workspaces"
+    );
 }
 
 #[tokio::test]
 #[ignore = "bug: berth/src/cmd/server.rs waits for axum graceful shutdown (all open command streams) before core.stop_all, so SIGTERM hangs while any command streams"]
 async fn sigterm_stops_the_server_while_a_command_streams() {
-    let Some(mut s) = Server::start("sigterm_stops_the_server_while_a_command_streams").await else {
+    let Some(mut s) = Server::start("sigterm_stops_the_server_while_a_command_streams").await
+    else {
         return;
     };
     let session = uniq("streaming");
@@ -248,19 +318,25 @@ async fn sigterm_stops_the_server_while_a_command_streams() {
     // The stream stays open while the server is asked to stop.
     let stopped = s.stop_server_async().await;
     drop(st);
-    assert!(stopped, "SIGTERM did not stop the server while a command stream was open");
+    assert!(
+        stopped,
+        "SIGTERM did not stop the server while a command stream was open"
+    );
     let left = s.leftovers(Some(&session));
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
 #[tokio::test]
 async fn a_sandbox_that_dies_is_noticed_and_the_next_command_resumes() {
-    let Some(s) = Server::start("a_sandbox_that_dies_is_noticed_and_the_next_command_resumes").await
+    let Some(s) =
+        Server::start("a_sandbox_that_dies_is_noticed_and_the_next_command_resumes").await
     else {
         return;
     };
     let session = uniq("dies");
-    s.exec(&session, "echo survived > /mnt/workspace/f").await.ok();
+    s.exec(&session, "echo survived > /mnt/workspace/f")
+        .await
+        .ok();
     // Kill every process of the sandbox (the guest included) from the host.
     let cg = common::cgroups_named(&session)
         .into_iter()
@@ -268,7 +344,10 @@ async fn a_sandbox_that_dies_is_noticed_and_the_next_command_resumes() {
         .expect("session cgroup");
     let procs = std::fs::read_to_string(cg.join("cgroup.procs")).expect("procs");
     for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     // The server notices (session stops with sandbox_exited) or at least the next
     // command resumes the session in a fresh sandbox with its workspace.
@@ -277,7 +356,10 @@ async fn a_sandbox_that_dies_is_noticed_and_the_next_command_resumes() {
             .client
             .run_command(
                 &session,
-                &CommandRequest { command: Some("cat /mnt/workspace/f".into()), ..Default::default() },
+                &CommandRequest {
+                    command: Some("cat /mnt/workspace/f".into()),
+                    ..Default::default()
+                },
             )
             .await;
         match stream {

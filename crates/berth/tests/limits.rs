@@ -37,7 +37,9 @@ async fn a_fork_bomb_hits_the_pids_limit_and_the_session_recovers() {
     };
     let rt = s.runtime(&uniq("rt-pids"), |r| r.pids = 64).await;
     let bomb = s.session(&uniq("bomb"), &rt).await;
-    let other = s.session(&uniq("calm"), &s.runtime(&uniq("rt"), |_| {}).await).await;
+    let other = s
+        .session(&uniq("calm"), &s.runtime(&uniq("rt"), |_| {}).await)
+        .await;
     assert_eq!(
         cgroup_file(&bomb, "pids.max").map(|v| v.trim().to_string()),
         Some("64".to_string()),
@@ -95,20 +97,25 @@ async fn a_fork_bomb_hits_the_pids_limit_and_the_session_recovers() {
 
 #[tokio::test]
 async fn a_memory_hog_is_oom_killed_in_its_own_cgroup_while_another_session_answers() {
-    let Some(s) = Server::start(
-        "a_memory_hog_is_oom_killed_in_its_own_cgroup_while_another_session_answers",
-    )
-    .await
+    let Some(s) =
+        Server::start("a_memory_hog_is_oom_killed_in_its_own_cgroup_while_another_session_answers")
+            .await
     else {
         return;
     };
     let rt = s.runtime(&uniq("rt-mem"), |r| r.memory = 64 << 20).await;
     let hog = s.session(&uniq("hog"), &rt).await;
-    let other = s.session(&uniq("calm"), &s.runtime(&uniq("rt"), |_| {}).await).await;
+    let other = s
+        .session(&uniq("calm"), &s.runtime(&uniq("rt"), |_| {}).await)
+        .await;
     let limit = cgroup_file(&hog, "memory.limit_in_bytes")
         .or_else(|| cgroup_file(&hog, "memory.max"))
         .map(|v| v.trim().to_string());
-    assert_eq!(limit.as_deref(), Some("67108864"), "memory limit of the session's cgroup");
+    assert_eq!(
+        limit.as_deref(),
+        Some("67108864"),
+        "memory limit of the session's cgroup"
+    );
 
     let hog_run = {
         let c = s.client.clone();
@@ -118,7 +125,9 @@ async fn a_memory_hog_is_oom_killed_in_its_own_cgroup_while_another_session_answ
                 .run_command(
                     &hog,
                     &CommandRequest {
-                        command: Some("exec python3 -c 'a = bytearray(512 << 20); print(len(a))'".into()),
+                        command: Some(
+                            "exec python3 -c 'a = bytearray(512 << 20); print(len(a))'".into(),
+                        ),
                         timeout_s: Some(120.0),
                         ..Default::default()
                     },
@@ -146,7 +155,10 @@ async fn a_memory_hog_is_oom_killed_in_its_own_cgroup_while_another_session_answ
     let oom = cgroup_file(&hog, "memory.oom_control")
         .and_then(|t| counter(&t, "oom_kill"))
         .or_else(|| cgroup_file(&hog, "memory.events").and_then(|t| counter(&t, "oom_kill")));
-    assert!(oom.unwrap_or(0) >= 1, "no OOM kill recorded in the session's cgroup: {oom:?}");
+    assert!(
+        oom.unwrap_or(0) >= 1,
+        "no OOM kill recorded in the session's cgroup: {oom:?}"
+    );
     // The hog's own session survives its OOM kill.
     let o = common::poll("the hog's session to answer", || async {
         let o = s.exec(&hog, "echo back").await;
@@ -155,5 +167,9 @@ async fn a_memory_hog_is_oom_killed_in_its_own_cgroup_while_another_session_answ
     .await;
     assert_eq!(o.out(), "back\n");
     let usage = s.client.get_session(&hog).await.expect("session").usage;
-    assert!(usage.peak_memory_bytes <= 64 << 20, "peak {} above the limit", usage.peak_memory_bytes);
+    assert!(
+        usage.peak_memory_bytes <= 64 << 20,
+        "peak {} above the limit",
+        usage.peak_memory_bytes
+    );
 }

@@ -484,7 +484,10 @@ pub fn host_leftovers(data_dir: &Path, session: Option<&str>) -> Vec<String> {
             }
             if let Some(session) = session {
                 let cg = std::fs::read_to_string(p.join("cgroup")).unwrap_or_default();
-                if cg.lines().any(|l| l.ends_with(&format!("/berth/{session}"))) {
+                if cg
+                    .lines()
+                    .any(|l| l.ends_with(&format!("/berth/{session}")))
+                {
                     hit.push(format!("in cgroup /berth/{session}"));
                 }
             }
@@ -579,7 +582,11 @@ pub fn force_cleanup(data_dir: &Path) {
     let sessions = sessions_of(data_dir);
     let mut left = host_leftovers(data_dir, None);
     for id in &sessions {
-        left.extend(cgroups_named(id).iter().map(|c| format!("cgroup {}", c.display())));
+        left.extend(
+            cgroups_named(id)
+                .iter()
+                .map(|c| format!("cgroup {}", c.display())),
+        );
     }
     if left.is_empty() {
         return;
@@ -611,8 +618,14 @@ pub fn force_cleanup(data_dir: &Path) {
         let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
     for l in host_leftovers(data_dir, None) {
-        if let Some(dev) = l.strip_prefix("loop device ").and_then(|r| r.split(' ').next()) {
-            let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{dev}")).status();
+        if let Some(dev) = l
+            .strip_prefix("loop device ")
+            .and_then(|r| r.split(' ').next())
+        {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(format!("/dev/{dev}"))
+                .status();
         }
     }
 }
