@@ -222,7 +222,13 @@ impl Agent {
     }
 
     fn track_group(&self, pgid: i32) {
-        self.groups().insert(pgid);
+        let mut groups = self.groups();
+        // Groups left behind by daemons are only forgotten once they are empty; prune
+        // now and then so the set does not grow with every daemon ever started.
+        if groups.len() >= 64 {
+            groups.retain(|g| kill(Pid::from_raw(-*g), None) != Err(nix::errno::Errno::ESRCH));
+        }
+        groups.insert(pgid);
     }
 
     /// Forget a group once nothing is left in it (daemons keep it alive).
