@@ -31,6 +31,32 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// Stops a test's sandbox if the test panics, before its temp data dir is deleted
+/// (deleting a data dir through live mounts would leak the mounts and the sandbox).
+/// Declare it after the `TempDir` so it drops first.
+struct StopOnDrop {
+    run_dir: PathBuf,
+}
+
+impl StopOnDrop {
+    fn new(data_dir: &std::path::Path, session: &str) -> Self {
+        Self {
+            run_dir: data_dir.join("run").join(session),
+        }
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.run_dir.exists() {
+            let _ = std::process::Command::new(berth_exe().expect("berth"))
+                .args(["sandbox-helper", "stop"])
+                .arg(&self.run_dir)
+                .status();
+        }
+    }
+}
+
 struct Output {
     code: Option<i32>,
     stdout: String,
@@ -70,6 +96,15 @@ async fn exec(guest: &Guest, argv: &[&str]) -> Output {
         }
     }
     out
+}
+
+fn data_dir_of(driver: &NamespaceDriver) -> PathBuf {
+    driver
+        .workspace_image("x")
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("data dir")
+        .to_path_buf()
 }
 
 fn request(session: &str, slot: u32) -> SandboxRequest {
@@ -130,6 +165,7 @@ async fn sandbox_lifecycle() {
     // Long ids exercise the short socket link and hostname truncation.
     let session = format!("it-{}-{}", std::process::id(), "x".repeat(100));
     let req = request(&session, 3);
+    let _guard = StopOnDrop::new(&data_dir_of(&driver), &session);
 
     let t = Instant::now();
     let sandbox = driver.start(&req).await.expect("start");
@@ -289,6 +325,7 @@ async fn start_latency() {
     let driver = NamespaceDriver::new(config).expect("driver");
     let session = format!("lat-{}", std::process::id());
     let req = request(&session, 4);
+    let _guard = StopOnDrop::new(&data_dir_of(&driver), &session);
     // First start makes the workspace image; later ones measure resume.
     driver.start(&req).await.expect("start");
     driver.stop(&session).await.expect("stop");
@@ -323,6 +360,7 @@ async fn directory_image() {
     let driver = NamespaceDriver::new(config).expect("driver");
     let session = format!("dir-{}", std::process::id());
     let mut req = request(&session, 5);
+    let _guard = StopOnDrop::new(&data_dir_of(&driver), &session);
     req.runtime.image = "/usr".into();
     let sandbox = driver.start(&req).await.expect("start");
     let out = exec(
@@ -352,6 +390,7 @@ async fn dead_sandbox_is_cleaned_up() {
     let driver = NamespaceDriver::new(config).expect("driver");
     let session = format!("dead-{}", std::process::id());
     let req = request(&session, 6);
+    let _guard = StopOnDrop::new(&data_dir_of(&driver), &session);
     let sandbox = driver.start(&req).await.expect("start");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(sandbox.init_pid as i32),
