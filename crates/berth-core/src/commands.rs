@@ -205,6 +205,10 @@ impl Core {
             }
             loop {
                 let msg = tokio::select! {
+                    // The client went away: dropping the guest call cancels it, and the
+                    // guest kills the process group. Without this arm a silent command
+                    // would outlive its client.
+                    () = yield_tx.closed() => return,
                     msg = outputs.message() => msg,
                     Some(sig) = signal_rx.recv() => {
                         let _ = input_tx.send(ExecInput { kind: Some(exec_input::Kind::Signal(sig)) }).await;

@@ -4,9 +4,7 @@
 use std::pin::Pin;
 
 use berth_api::validate;
-use berth_guest::proto::{
-    write_file_input, PathRequest, ReadFileRequest, WriteFileInput, WriteTarget,
-};
+use berth_guest::proto::{PathRequest, ReadFileRequest, WriteTarget};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
@@ -98,29 +96,37 @@ impl Core {
         self.record_or_create(session_id, None).await?;
         let (slot, sandbox, _) = self.ensure_running(session_id).await?;
         let _busy = BusyGuard::new(slot);
-        let target = WriteFileInput {
-            kind: Some(write_file_input::Kind::Target(WriteTarget {
-                path: path.to_string(),
-                tar,
-                mode,
-            })),
+        let target = WriteTarget {
+            path: path.to_string(),
+            tar,
+            mode,
         };
-        // A body read error ends the upload stream early; the guest then sees a
-        // cancelled call and discards the partial file.
-        let data = body
-            .take_while(|r| futures::future::ready(r.is_ok()))
-            .filter_map(|r| async move {
-                r.ok().map(|b| WriteFileInput {
-                    kind: Some(write_file_input::Kind::Data(b)),
-                })
-            });
-        let input = futures::stream::iter([target]).chain(data);
+        // A client body that fails midway must cancel the upload rather than end it
+        // cleanly (which would commit a truncated file): on error the data stream stops
+        // yielding forever and the select below drops the call.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
+        let data = futures::stream::unfold(
+            (Box::pin(body), Some(failed_tx)),
+            |(mut body, mut failed)| async move {
+                match body.next().await {
+                    Some(Ok(chunk)) => Some((chunk, (body, failed))),
+                    Some(Err(e)) => {
+                        if let Some(tx) = failed.take() {
+                            let _ = tx.send(e);
+                        }
+                        std::future::pending().await
+                    }
+                    None => None,
+                }
+            },
+        );
         let mut guest = sandbox.guest.clone();
-        let resp = guest
-            .write_file(input)
-            .await
-            .map_err(|s| CoreError::guest(session_id, s))?;
-        Ok(resp.into_inner().bytes)
+        tokio::select! {
+            written = berth_guest::client::write_file(&mut guest, target, data) => {
+                written.map_err(|s| CoreError::guest(session_id, s))
+            }
+            Ok(err) = failed_rx => Err(CoreError::invalid("body", format!("upload interrupted: {err}"))),
+        }
     }
 
     pub async fn stat_file(&self, session_id: &str, path: &str) -> Result<FileInfo, CoreError> {

@@ -236,7 +236,12 @@ impl Core {
         let slot = self.slot(id);
         let mut live = slot.live.lock().await;
         if let Some(l) = live.as_ref() {
-            return Ok((slot.clone(), l.sandbox.clone(), l.runtime.clone()));
+            // A sandbox that died since the last liveness tick is replaced now rather
+            // than failing this request.
+            if self.driver().is_alive(id).await {
+                return Ok((slot.clone(), l.sandbox.clone(), l.runtime.clone()));
+            }
+            self.stop_locked(id, &mut live, "sandbox_exited").await?;
         }
         let mut rec = self.record(id).await?;
         let runtime = self

@@ -191,7 +191,14 @@ impl Store {
 
     /// Insert a new session, choosing the lowest free uid slot.
     pub async fn insert_session(&self, rec: &mut SessionRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(query_err("begin"))?;
+        // IMMEDIATE takes the write lock up front: a deferred transaction that reads the
+        // free slot and then writes fails with SQLITE_BUSY under concurrent inserts
+        // (WAL cannot upgrade a reader whose snapshot went stale), ignoring busy_timeout.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("begin"))?;
         let slot: i64 = sqlx::query_scalar(
             "SELECT COALESCE((SELECT MIN(s.uid_slot + 1) FROM sessions s \
              WHERE NOT EXISTS (SELECT 1 FROM sessions t WHERE t.uid_slot = s.uid_slot + 1)), 0) \

@@ -85,3 +85,28 @@ async fn records_survive_reopen() {
         Some("admin")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_session_inserts_all_succeed_with_distinct_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    store
+        .insert_runtime(&RuntimeSpec::named("default"), 5)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut rec = session(&format!("s{i}"));
+                store.insert_session(&mut rec).await.map(|()| rec.uid_slot)
+            })
+        })
+        .collect();
+    let mut slots = Vec::new();
+    for t in tasks {
+        slots.push(t.await.unwrap().unwrap());
+    }
+    slots.sort_unstable();
+    assert_eq!(slots, (0..50).collect::<Vec<u32>>());
+}

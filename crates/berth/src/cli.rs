@@ -12,7 +12,12 @@ use crate::units::{parse_duration, parse_size};
 /// Start a server with `berth server`, then run commands in sessions, which are created
 /// on first use:  berth exec --session my-task -- uname -a
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "berth",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -22,7 +27,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Remote {
     /// Server URL.
-    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:7878", global = true)]
+    #[arg(
+        long,
+        env = "BERTH_URL",
+        default_value = "http://127.0.0.1:7878",
+        global = true
+    )]
     pub url: String,
     /// API token; when unset, read from <data-dir>/admin.token.
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true, global = true)]

@@ -15,7 +15,11 @@ pub const EXIT_BERTH_ERROR: u8 = 125;
 /// commands and parse their own flags.
 pub fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or_default().to_string();
+    let first = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .unwrap_or_default()
+        .to_string();
     let hidden = match first.as_str() {
         "guest" => Some(berth_guest::agent::cli_main(args[2..].to_vec())),
         "sandbox-helper" => Some(berth_sandbox::helper::cli_main(args[2..].to_vec())),

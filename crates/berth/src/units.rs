@@ -10,7 +10,9 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         Some((i, 'd')) => (&s[..i], 86400),
         _ => (s, 1),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (try 30s, 15m, 8h, 14d)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 30s, 15m, 8h, 14d)"))?;
     if !(n.is_finite() && n >= 0.0) {
         return Err(format!("{s:?} is not a duration (try 30s, 15m, 8h, 14d)"));
     }
@@ -29,7 +31,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('t') => (&stripped[..stripped.len() - 1], 40),
         _ => (stripped, 0),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{t:?} is not a size (try 512M, 10G)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{t:?} is not a size (try 512M, 10G)"))?;
     if !(n.is_finite() && n >= 0.0) {
         return Err(format!("{t:?} is not a size (try 512M, 10G)"));
     }

@@ -367,7 +367,6 @@ async fn the_sandbox_cannot_reach_the_berth_api() {
 }
 
 #[tokio::test]
-#[ignore = "bug: berth-sandbox paths.rs cgroup path is /berth/<session> for every server on the host, so one server stopping a session kills another server's sandbox of the same id"]
 async fn two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id() {
     let test = "two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id";
     let Some(s1) = Server::start(test).await else {

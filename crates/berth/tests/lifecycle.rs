@@ -295,7 +295,6 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
 }
 
 #[tokio::test]
-#[ignore = "bug: berth/src/cmd/server.rs waits for axum graceful shutdown (all open command streams) before core.stop_all, so SIGTERM hangs while any command streams"]
 async fn sigterm_stops_the_server_while_a_command_streams() {
     let Some(mut s) = Server::start("sigterm_stops_the_server_while_a_command_streams").await
     else {

@@ -127,6 +127,10 @@ impl SandboxCgroup {
         for dir in self.dirs() {
             if !remove_tree(&dir) {
                 left.push(dir);
+            } else if let Some(parent) = dir.parent() {
+                // The per-server parent goes with its last session; while other
+                // sessions run it is not empty and rmdir refuses, as intended.
+                let _ = fs::remove_dir(parent);
             }
         }
         left

@@ -155,9 +155,16 @@ impl SessionPaths {
     pub fn guest_log(&self) -> PathBuf {
         self.dir.join("guest.log")
     }
-    /// Cgroup path handed to libcontainer (absolute, relative to each hierarchy root).
+    /// Cgroup path handed to libcontainer (absolute, relative to each hierarchy root):
+    /// `/berth/<12 hex of sha256(run dir)>/<id>`. Cgroups are host-global while session
+    /// ids are client-chosen, so the data dir's share keeps two servers on one host from
+    /// killing each other's sandboxes of the same session id.
     pub fn cgroup(&self) -> String {
-        format!("/berth/{}", self.id)
+        use sha2::Digest;
+        let run_dir = self.dir.parent().unwrap_or(Path::new("/"));
+        let digest = sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes());
+        let server: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("/berth/{server}/{}", self.id)
     }
 }
 
@@ -193,7 +200,9 @@ mod tests {
             s.guest_sock(),
             Path::new("/var/lib/berth/run/abc/sock/guest.sock")
         );
-        assert_eq!(s.cgroup(), "/berth/abc");
+        assert!(s.cgroup().starts_with("/berth/") && s.cgroup().ends_with("/abc"));
+        let other = DataDir::new("/srv/berth2").session("abc");
+        assert_ne!(other.cgroup(), s.cgroup(), "servers must not share cgroups");
         let long = data.session(&"x".repeat(128));
         assert!(long.guest_sock_short().as_os_str().len() < 80);
         assert!(long.sock_link().starts_with("/var/lib/berth/run/.sock"));

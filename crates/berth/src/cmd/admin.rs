@@ -16,7 +16,10 @@ pub async fn runtime(cmd: RuntimeCmd) -> anyhow::Result<()> {
         }
         RuntimeCmd::List { remote } => {
             let list = client(&remote)?.list_runtimes().await.map_err(explain)?;
-            println!("{:<20} {:<24} {:>9} {:>9} {:>6} {:>6} {:>8}", "NAME", "IMAGE", "WORKSPACE", "MEMORY", "PIDS", "IDLE", "LIFETIME");
+            println!(
+                "{:<20} {:<24} {:>9} {:>9} {:>6} {:>6} {:>8}",
+                "NAME", "IMAGE", "WORKSPACE", "MEMORY", "PIDS", "IDLE", "LIFETIME"
+            );
             for rt in list {
                 let s = rt.spec;
                 println!(
@@ -36,7 +39,10 @@ pub async fn runtime(cmd: RuntimeCmd) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rt)?);
         }
         RuntimeCmd::Delete { name, remote } => {
-            client(&remote)?.delete_runtime(&name).await.map_err(explain)?;
+            client(&remote)?
+                .delete_runtime(&name)
+                .await
+                .map_err(explain)?;
             println!("deleted runtime {name}");
         }
     }
@@ -50,9 +56,21 @@ fn spec_from(args: &RuntimeCreateArgs) -> anyhow::Result<RuntimeSpec> {
         .map(|m| {
             let parts: Vec<&str> = m.split(':').collect();
             match parts.as_slice() {
-                [src, dst] => Ok(Mount { source: src.to_string(), target: dst.to_string(), read_only: false }),
-                [src, dst, "ro"] => Ok(Mount { source: src.to_string(), target: dst.to_string(), read_only: true }),
-                [src, dst, "rw"] => Ok(Mount { source: src.to_string(), target: dst.to_string(), read_only: false }),
+                [src, dst] => Ok(Mount {
+                    source: src.to_string(),
+                    target: dst.to_string(),
+                    read_only: false,
+                }),
+                [src, dst, "ro"] => Ok(Mount {
+                    source: src.to_string(),
+                    target: dst.to_string(),
+                    read_only: true,
+                }),
+                [src, dst, "rw"] => Ok(Mount {
+                    source: src.to_string(),
+                    target: dst.to_string(),
+                    read_only: false,
+                }),
                 _ => anyhow::bail!("--mount {m:?}: expected SRC:DST or SRC:DST:ro"),
             }
         })
@@ -84,8 +102,15 @@ fn spec_from(args: &RuntimeCreateArgs) -> anyhow::Result<RuntimeSpec> {
 
 pub async fn session(cmd: SessionCmd) -> anyhow::Result<()> {
     match cmd {
-        SessionCmd::Create { id, runtime, remote } => {
-            let s = client(&remote)?.create_session(&CreateSession { id, runtime }).await.map_err(explain)?;
+        SessionCmd::Create {
+            id,
+            runtime,
+            remote,
+        } => {
+            let s = client(&remote)?
+                .create_session(&CreateSession { id, runtime })
+                .await
+                .map_err(explain)?;
             println!("{}", s.id);
         }
         SessionCmd::List { remote } => {
@@ -116,7 +141,10 @@ pub async fn session(cmd: SessionCmd) -> anyhow::Result<()> {
             println!("stopped {id}; its workspace is kept and the next command resumes it");
         }
         SessionCmd::Delete { id, remote } => {
-            client(&remote)?.delete_session(&id).await.map_err(explain)?;
+            client(&remote)?
+                .delete_session(&id)
+                .await
+                .map_err(explain)?;
             println!("deleted {id} and its workspace");
         }
     }

@@ -25,7 +25,10 @@ fn parse_end(s: &str) -> anyhow::Result<End> {
             if !path.starts_with('/') {
                 anyhow::bail!("{s:?}: the path after SESSION: must be absolute, e.g. {session}:/mnt/workspace/file");
             }
-            return Ok(End::Remote { session: session.to_string(), path: path.to_string() });
+            return Ok(End::Remote {
+                session: session.to_string(),
+                path: path.to_string(),
+            });
         }
     }
     Ok(End::Local(PathBuf::from(s)))
@@ -35,7 +38,9 @@ pub async fn run(args: CpArgs) -> anyhow::Result<()> {
     let c = client(&args.remote)?;
     match (parse_end(&args.src)?, parse_end(&args.dst)?) {
         (End::Local(src), End::Remote { session, path }) => upload(&c, &src, &session, &path).await,
-        (End::Remote { session, path }, End::Local(dst)) => download(&c, &session, &path, &dst).await,
+        (End::Remote { session, path }, End::Local(dst)) => {
+            download(&c, &session, &path, &dst).await
+        }
         _ => anyhow::bail!("one side must be local and the other SESSION:PATH"),
     }
 }
@@ -47,47 +52,73 @@ fn base_name(p: &str) -> &str {
 async fn remote_is_dir(c: &Client, session: &str, path: &str) -> anyhow::Result<bool> {
     match c.stat_file(session, path).await {
         Ok(info) => Ok(info.kind == "dir"),
-        Err(ClientError::Api(e)) if e.code == berth_api::ErrorCode::NotFound && !e.message.contains("session") => Ok(false),
+        Err(ClientError::Api(e))
+            if e.code == berth_api::ErrorCode::NotFound && !e.message.contains("session") =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(explain(e)),
     }
 }
 
 async fn upload(c: &Client, src: &Path, session: &str, path: &str) -> anyhow::Result<()> {
-    let meta = tokio::fs::metadata(src).await.with_context(|| format!("cannot read {}", src.display()))?;
+    let meta = tokio::fs::metadata(src)
+        .await
+        .with_context(|| format!("cannot read {}", src.display()))?;
     let name = src
         .file_name()
         .and_then(|n| n.to_str())
         .context("the source needs a file name")?
         .to_string();
     let into_dir = path.ends_with('/') || remote_is_dir(c, session, path).await?;
-    let target = if into_dir { format!("{}/{}", path.trim_end_matches('/'), name) } else { path.to_string() };
+    let target = if into_dir {
+        format!("{}/{}", path.trim_end_matches('/'), name)
+    } else {
+        path.to_string()
+    };
     let bytes = if meta.is_dir() {
         let src = src.to_path_buf();
-        let archive = tokio::task::spawn_blocking(move || -> anyhow::Result<tempfile::NamedTempFile> {
-            let tmp = tempfile::NamedTempFile::new()?;
-            let mut builder = tar::Builder::new(tmp.reopen()?);
-            builder.follow_symlinks(false);
-            builder.append_dir_all(".", &src).with_context(|| format!("cannot archive {}", src.display()))?;
-            builder.finish()?;
-            Ok(tmp)
-        })
-        .await??;
+        let archive =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<tempfile::NamedTempFile> {
+                let tmp = tempfile::NamedTempFile::new()?;
+                let mut builder = tar::Builder::new(tmp.reopen()?);
+                builder.follow_symlinks(false);
+                builder
+                    .append_dir_all(".", &src)
+                    .with_context(|| format!("cannot archive {}", src.display()))?;
+                builder.finish()?;
+                Ok(tmp)
+            })
+            .await??;
         let file = tokio::fs::File::open(archive.path()).await?;
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-        c.write_file(session, &target, true, body).await.map_err(explain)?
+        c.write_file(session, &target, true, body)
+            .await
+            .map_err(explain)?
     } else {
-        let file = tokio::fs::File::open(src).await.with_context(|| format!("cannot open {}", src.display()))?;
+        let file = tokio::fs::File::open(src)
+            .await
+            .with_context(|| format!("cannot open {}", src.display()))?;
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-        c.write_file(session, &target, false, body).await.map_err(explain)?
+        c.write_file(session, &target, false, body)
+            .await
+            .map_err(explain)?
     };
-    eprintln!("copied {} ({bytes} bytes) to {session}:{target}", src.display());
+    eprintln!(
+        "copied {} ({bytes} bytes) to {session}:{target}",
+        src.display()
+    );
     Ok(())
 }
 
 async fn download(c: &Client, session: &str, path: &str, dst: &Path) -> anyhow::Result<()> {
     let info = c.stat_file(session, path).await.map_err(explain)?;
     let name = base_name(path);
-    let target = if dst.is_dir() { dst.join(name) } else { dst.to_path_buf() };
+    let target = if dst.is_dir() {
+        dst.join(name)
+    } else {
+        dst.to_path_buf()
+    };
     if info.kind == "dir" {
         let tmp = tempfile::NamedTempFile::new()?;
         let mut out = tokio::fs::File::create(tmp.path()).await?;
@@ -126,14 +157,22 @@ fn unpack_stripped(archive: &Path, dest: &Path) -> anyhow::Result<()> {
         if rest.as_os_str().is_empty() {
             continue;
         }
-        if rest.components().any(|c| !matches!(c, Component::Normal(_))) {
-            anyhow::bail!("archive entry {} would leave the destination", path.display());
+        if rest
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            anyhow::bail!(
+                "archive entry {} would leave the destination",
+                path.display()
+            );
         }
         let out = dest.join(&rest);
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        entry.unpack(&out).with_context(|| format!("cannot write {}", out.display()))?;
+        entry
+            .unpack(&out)
+            .with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
 }

@@ -16,7 +16,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let client = client(&args.remote)?;
     let stdin_b64 = if args.stdin {
         let mut buf = Vec::new();
-        tokio::io::stdin().read_to_end(&mut buf).await.context("cannot read standard input")?;
+        tokio::io::stdin()
+            .read_to_end(&mut buf)
+            .await
+            .context("cannot read standard input")?;
         Some(base64::engine::general_purpose::STANDARD.encode(buf))
     } else {
         None
@@ -30,7 +33,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         runtime: args.runtime.clone(),
         ..Default::default()
     };
-    let mut events = client.run_command(&args.session, &req).await.map_err(explain)?;
+    let mut events = client
+        .run_command(&args.session, &req)
+        .await
+        .map_err(explain)?;
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -59,16 +65,28 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         match event.map_err(explain)? {
             CommandEvent::Started { command_id: id, .. } => command_id = Some(id),
             CommandEvent::Stdout { data } => {
-                stdout.write_all(&b64.decode(data).context("bad stdout chunk")?).await?;
+                stdout
+                    .write_all(&b64.decode(data).context("bad stdout chunk")?)
+                    .await?;
                 stdout.flush().await?;
             }
             CommandEvent::Stderr { data } => {
-                stderr.write_all(&b64.decode(data).context("bad stderr chunk")?).await?;
+                stderr
+                    .write_all(&b64.decode(data).context("bad stderr chunk")?)
+                    .await?;
                 stderr.flush().await?;
             }
-            CommandEvent::Exit { code, signal, timed_out, .. } => {
+            CommandEvent::Exit {
+                code,
+                signal,
+                timed_out,
+                ..
+            } => {
                 if timed_out {
-                    eprintln!("berth: command timed out after {}s and was killed", args.timeout.unwrap_or(0));
+                    eprintln!(
+                        "berth: command timed out after {}s and was killed",
+                        args.timeout.unwrap_or(0)
+                    );
                 }
                 let status = match (code, signal) {
                     (Some(c), _) => c,

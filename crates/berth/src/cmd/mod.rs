@@ -82,7 +82,10 @@ pub fn explain(err: berth_client::ClientError) -> anyhow::Error {
 }
 
 /// Parse `K=V` pairs.
-pub fn parse_env(pairs: &[String], flag: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+pub fn parse_env(
+    pairs: &[String],
+    flag: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     pairs
         .iter()
         .map(|p| {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use berth_core::{Core, CoreConfig};
 use berth_sandbox::{NamespaceConfig, NamespaceDriver};
 use berth_server::{AppState, Tokens};
@@ -20,15 +21,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .init();
 
     let data_dir = &args.data_dir;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict permissions of {}", data_dir.display()))?;
-    let data_dir = data_dir.canonicalize().context("cannot resolve the data dir")?;
+    let data_dir = data_dir
+        .canonicalize()
+        .context("cannot resolve the data dir")?;
 
     let berth_exe = std::env::current_exe().context("cannot find the berth binary")?;
     let mut ns = NamespaceConfig::new(&data_dir, berth_exe);
     ns.uid_base = args.uid_base;
-    let driver = NamespaceDriver::new(ns).context("the namespace sandbox driver cannot run on this host")?;
+    let driver =
+        NamespaceDriver::new(ns).context("the namespace sandbox driver cannot run on this host")?;
     if args.info {
         println!("berth {}", env!("CARGO_PKG_VERSION"));
         println!("driver: namespace (youki libcontainer)");
@@ -45,31 +50,64 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         retention: Duration::from_secs(args.retention),
         ..CoreConfig::default()
     };
-    let core = Core::new(store, Arc::new(driver), config).await.context("cannot start the core")?;
+    let core = Core::new(store, Arc::new(driver), config)
+        .await
+        .context("cannot start the core")?;
     let background = core.spawn_background();
 
-    let addr: SocketAddr = args.listen.parse().with_context(|| format!("--listen {:?} is not HOST:PORT", args.listen))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}; is another server running? (--listen picks another address)"))?;
-    let app = berth_server::app(AppState { core: core.clone(), tokens });
+    let addr: SocketAddr = args
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not HOST:PORT", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr}; is another server running? (--listen picks another address)"
+        )
+    })?;
+    let app = berth_server::app(AppState {
+        core: core.clone(),
+        tokens,
+    });
     if created {
         eprintln!("berth: created the admin token in {}", token_path.display());
     } else {
         eprintln!("berth: admin token is in {}", token_path.display());
     }
-    eprintln!("berth: listening on http://{} (data dir {})", listener.local_addr()?, data_dir.display());
+    eprintln!(
+        "berth: listening on http://{} (data dir {})",
+        listener.local_addr()?,
+        data_dir.display()
+    );
 
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
-    background.abort();
-    eprintln!("berth: stopping sandboxes");
+    // Stop the sandboxes before waiting for connections to drain: that ends every open
+    // command stream, which graceful shutdown would otherwise wait for indefinitely.
+    let stopping = core.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        background.abort();
+        eprintln!("berth: stopping sandboxes");
+        stopping.stop_all("server_stop").await;
+    };
+    // Without TCP_NODELAY, the small `started`/`exit` events of a short command sit
+    // behind the client's delayed ACK (~40 ms per command).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server failed")?;
+    // Anything started while shutting down.
     core.stop_all("server_stop").await;
     Ok(())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
