@@ -6,6 +6,7 @@
 
 pub mod command;
 pub mod error;
+pub mod frames;
 pub mod runtime;
 pub mod session;
 pub mod validate;

@@ -48,6 +48,16 @@ pub struct FileInfo {
 }
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<CommandEvent, ClientError>> + Send>>;
+pub type RawEventStream = Pin<Box<dyn Stream<Item = Result<RawEvent, ClientError>> + Send>>;
+
+/// A command event from the binary frame stream: output as raw bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawEvent {
+    /// `started`, `exit` or `error`.
+    Event(CommandEvent),
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 
 #[derive(Clone)]
@@ -161,6 +171,23 @@ impl Client {
             )
             .await?;
         Ok(ndjson(resp))
+    }
+
+    /// Run a command and receive its output as raw bytes (binary frames, no base64):
+    /// the fast path for large output.
+    pub async fn run_command_raw(
+        &self,
+        session: &str,
+        req: &CommandRequest,
+    ) -> Result<RawEventStream, ClientError> {
+        let rb = self
+            .req(
+                Method::POST,
+                &format!("/v1/sessions/{}/commands", enc(session)),
+            )
+            .header(reqwest::header::ACCEPT, berth_api::frames::CONTENT_TYPE)
+            .json(req);
+        Ok(frames(self.send(rb).await?))
     }
 
     pub async fn signal_command(
@@ -285,6 +312,62 @@ fn ndjson(resp: Response) -> EventStream {
                             Err(ClientError::Protocol("stream ended inside an event".into())),
                             (bytes, BytesMut::new(), true),
                         ));
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(stream)
+}
+
+/// Split a binary frame response into events.
+fn frames(resp: Response) -> RawEventStream {
+    use berth_api::frames::{decode, Frame};
+    let bytes = resp.bytes_stream();
+    let stream = futures::stream::unfold(
+        (bytes, BytesMut::new(), false),
+        |(mut bytes, mut buf, done)| async move {
+            loop {
+                match decode(&buf) {
+                    Ok(Some((frame, used))) => {
+                        // Output payloads are split off the buffer, not copied.
+                        let payload = |buf: &mut BytesMut| {
+                            let mut frame = buf.split_to(used);
+                            bytes::Buf::advance(&mut frame, berth_api::frames::HEADER_LEN);
+                            frame.freeze()
+                        };
+                        let ev = match frame {
+                            Frame::Event(ev) => {
+                                let _ = buf.split_to(used);
+                                RawEvent::Event(ev)
+                            }
+                            Frame::Stdout(_) => RawEvent::Stdout(payload(&mut buf)),
+                            Frame::Stderr(_) => RawEvent::Stderr(payload(&mut buf)),
+                        };
+                        return Some((Ok(ev), (bytes, buf, done)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Some((
+                            Err(ClientError::Protocol(e.to_string())),
+                            (bytes, BytesMut::new(), true),
+                        ))
+                    }
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        return Some((Err(ClientError::Transport(e)), (bytes, buf, true)))
+                    }
+                    None if buf.is_empty() => return None,
+                    None => {
+                        return Some((
+                            Err(ClientError::Protocol("stream ended inside a frame".into())),
+                            (bytes, BytesMut::new(), true),
+                        ))
                     }
                 }
             }

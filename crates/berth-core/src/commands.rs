@@ -7,6 +7,7 @@ use std::time::Instant;
 use base64::Engine;
 use berth_api::{CommandEvent, CommandRequest};
 use berth_guest::proto::{exec_input, exec_output, ExecInput, ExecStart};
+use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::mpsc;
 
@@ -15,7 +16,57 @@ use crate::{Core, CoreError};
 
 /// The events of one command, in order; ends after `exit` (or `error`). Dropping it
 /// cancels the guest call, which kills the command's process group.
-pub type CommandStream = Pin<Box<dyn Stream<Item = CommandEvent> + Send>>;
+pub type CommandStream = Pin<Box<dyn Stream<Item = ExecEvent> + Send>>;
+
+/// One event of a running command, with output as raw bytes; transports choose the
+/// encoding (NDJSON with base64, or binary frames).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecEvent {
+    Started {
+        command_id: String,
+        session_id: String,
+    },
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    Error(berth_api::ApiError),
+}
+
+impl ExecEvent {
+    /// The API's JSON event (output base64-encoded).
+    pub fn to_api(&self) -> CommandEvent {
+        match self {
+            ExecEvent::Started {
+                command_id,
+                session_id,
+            } => CommandEvent::Started {
+                command_id: command_id.clone(),
+                session_id: session_id.clone(),
+            },
+            ExecEvent::Stdout(b) => CommandEvent::Stdout { data: b64(b) },
+            ExecEvent::Stderr(b) => CommandEvent::Stderr { data: b64(b) },
+            ExecEvent::Exit {
+                code,
+                signal,
+                timed_out,
+                duration_ms,
+            } => CommandEvent::Exit {
+                code: *code,
+                signal: *signal,
+                timed_out: *timed_out,
+                duration_ms: *duration_ms,
+            },
+            ExecEvent::Error(error) => CommandEvent::Error {
+                error: error.clone(),
+            },
+        }
+    }
+}
 
 /// Longest accepted `timeout_s` (a week).
 const MAX_TIMEOUT_S: f64 = 7.0 * 24.0 * 3600.0;
@@ -193,14 +244,11 @@ impl Core {
             let _route = route;
             let mut outputs = outputs;
             let input_tx = input_tx;
-            if yield_tx
-                .send(CommandEvent::Started {
-                    command_id,
-                    session_id: session.clone(),
-                })
-                .await
-                .is_err()
-            {
+            let started = ExecEvent::Started {
+                command_id,
+                session_id: session.clone(),
+            };
+            if yield_tx.send(started).await.is_err() {
                 return;
             }
             loop {
@@ -217,13 +265,9 @@ impl Core {
                 };
                 let event = match msg {
                     Ok(Some(out)) => match out.kind {
-                        Some(exec_output::Kind::Stdout(b)) => {
-                            CommandEvent::Stdout { data: b64(&b) }
-                        }
-                        Some(exec_output::Kind::Stderr(b)) => {
-                            CommandEvent::Stderr { data: b64(&b) }
-                        }
-                        Some(exec_output::Kind::Exited(x)) => CommandEvent::Exit {
+                        Some(exec_output::Kind::Stdout(b)) => ExecEvent::Stdout(b),
+                        Some(exec_output::Kind::Stderr(b)) => ExecEvent::Stderr(b),
+                        Some(exec_output::Kind::Exited(x)) => ExecEvent::Exit {
                             code: x.code,
                             signal: x.signal,
                             timed_out: x.timed_out,
@@ -232,20 +276,13 @@ impl Core {
                         },
                         Some(exec_output::Kind::Started(_)) | None => continue,
                     },
-                    Ok(None) => CommandEvent::Error {
-                        error: berth_api::ApiError::new(
-                            berth_api::ErrorCode::Unavailable,
-                            "the sandbox ended before the command reported its exit",
-                        ),
-                    },
-                    Err(status) => CommandEvent::Error {
-                        error: (&CoreError::guest(&session, status)).into(),
-                    },
+                    Ok(None) => ExecEvent::Error(berth_api::ApiError::new(
+                        berth_api::ErrorCode::Unavailable,
+                        "the sandbox ended before the command reported its exit",
+                    )),
+                    Err(status) => ExecEvent::Error((&CoreError::guest(&session, status)).into()),
                 };
-                let last = matches!(
-                    event,
-                    CommandEvent::Exit { .. } | CommandEvent::Error { .. }
-                );
+                let last = matches!(event, ExecEvent::Exit { .. } | ExecEvent::Error(_));
                 if yield_tx.send(event).await.is_err() || last {
                     return;
                 }
@@ -288,14 +325,14 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// A stream fed by a task through a channel of capacity 1: the task waits whenever the
+/// A stream fed by a task through a small channel (4 events): the task waits whenever the
 /// consumer is slow, so backpressure reaches the guest (and the process's pipe).
 fn async_stream<F, Fut>(body: F) -> CommandStream
 where
-    F: FnOnce(mpsc::Sender<CommandEvent>) -> Fut,
+    F: FnOnce(mpsc::Sender<ExecEvent>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = mpsc::channel(4);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

@@ -12,7 +12,7 @@ mod sessions;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use commands::CommandStream;
+pub use commands::{CommandStream, ExecEvent};
 pub use driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
 pub use error::CoreError;
 pub use files::{FileInfo, ReadStream};

@@ -186,7 +186,7 @@ async fn run(
     let mut events = core.run_command(session, req).await?;
     let mut out = Vec::new();
     while let Some(ev) = events.next().await {
-        match ev {
+        match ev.to_api() {
             CommandEvent::Stdout { data } => {
                 use base64::Engine;
                 out.extend(
@@ -282,7 +282,10 @@ async fn max_lifetime_stops_even_a_busy_session() {
     assert_eq!(s.stop_reason.as_deref(), Some("max_lifetime"));
     // The stream ends (the sandbox is gone) instead of hanging.
     while let Some(ev) = events.next().await {
-        if matches!(ev, CommandEvent::Exit { .. } | CommandEvent::Error { .. }) {
+        if matches!(
+            ev.to_api(),
+            CommandEvent::Exit { .. } | CommandEvent::Error { .. }
+        ) {
             break;
         }
     }

@@ -2,13 +2,14 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use berth_api::{
-    CommandRequest, CreateSession, ErrorCode, Runtime, RuntimeSpec, Session, SignalRequest,
+    frames, CommandRequest, CreateSession, ErrorCode, Runtime, RuntimeSpec, Session, SignalRequest,
 };
+use berth_core::ExecEvent;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -176,18 +177,46 @@ pub(crate) async fn delete_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Streams one JSON `CommandEvent` per line (`application/x-ndjson`).
+/// Streams one JSON `CommandEvent` per line (`application/x-ndjson`), or binary frames
+/// with raw output bytes when the client accepts `application/vnd.berth.frames`
+/// (see `berth_api::frames`).
 #[utoipa::path(post, path = "/v1/sessions/{id}/commands", params(("id" = String, Path)), request_body = CommandRequest,
-    responses((status = 200, description = "NDJSON stream of CommandEvent", body = berth_api::CommandEvent, content_type = "application/x-ndjson"),
+    responses((status = 200, description = "NDJSON stream of CommandEvent (or binary frames, see berth_api::frames)", body = berth_api::CommandEvent, content_type = "application/x-ndjson"),
               (status = 400, body = berth_api::ErrorBody), (status = 429, body = berth_api::ErrorBody)))]
 pub(crate) async fn run_command(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<CommandRequest>,
 ) -> Result<Response, AppError> {
+    let binary = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains(frames::CONTENT_TYPE));
     let events = s.core.run_command(&id, req).await?;
+    if binary {
+        // Header and payload go out as separate chunks so output bytes are never copied.
+        let body = events.flat_map(|ev| {
+            let (kind, payload) = match ev {
+                ExecEvent::Stdout(b) => (frames::KIND_STDOUT, b),
+                ExecEvent::Stderr(b) => (frames::KIND_STDERR, b),
+                other => (
+                    frames::KIND_EVENT,
+                    Bytes::from(serde_json::to_vec(&other.to_api()).unwrap_or_default()),
+                ),
+            };
+            let head = Bytes::copy_from_slice(&frames::header(kind, payload.len()));
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(head), Ok(payload)])
+        });
+        return Ok((
+            [(header::CONTENT_TYPE, frames::CONTENT_TYPE)],
+            Body::from_stream(body),
+        )
+            .into_response());
+    }
     let body = events.map(|ev| {
-        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        let mut line = serde_json::to_vec(&ev.to_api()).unwrap_or_default();
         line.push(b'\n');
         Ok::<_, std::convert::Infallible>(Bytes::from(line))
     });

@@ -245,3 +245,32 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+#[tokio::test]
+async fn exec_binary_output_through_the_cli_is_byte_exact() {
+    let Some(s) = Server::start("exec_binary_output_through_the_cli_is_byte_exact").await else {
+        return;
+    };
+    let session = uniq("clibin");
+    // The CLI takes the binary frame stream (no base64); random bytes include every
+    // byte value and the frame header's own bytes.
+    let (out, err, code) = s
+        .cli(&[
+            "exec",
+            "-s",
+            &session,
+            "--",
+            "sh",
+            "-c",
+            "head -c 30M /dev/urandom | tee /mnt/workspace/r",
+        ])
+        .await;
+    assert_eq!(code, 0, "stderr: {}", String::from_utf8_lossy(&err));
+    assert_eq!(out.len(), 30 << 20);
+    let inside = s
+        .exec(&session, "sha256sum /mnt/workspace/r")
+        .await
+        .ok()
+        .out();
+    assert!(inside.starts_with(&sha256_hex(&out)), "inside: {inside}");
+}

@@ -3,8 +3,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use base64::Engine;
 use berth_api::{CommandEvent, CommandRequest};
+use berth_client::RawEvent;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::cli::ExecArgs;
 use crate::cmd::{client, explain, parse_env};
@@ -34,12 +35,9 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let mut events = client
-        .run_command(&args.session, &req)
+        .run_command_raw(&args.session, &req)
         .await
         .map_err(explain)?;
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
-    let b64 = base64::engine::general_purpose::STANDARD;
     let mut command_id: Option<String> = None;
     let mut ctrl_c = 0u32;
     loop {
@@ -63,25 +61,19 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("the server ended the command stream without an exit status");
         };
         match event.map_err(explain)? {
-            CommandEvent::Started { command_id: id, .. } => command_id = Some(id),
-            CommandEvent::Stdout { data } => {
-                stdout
-                    .write_all(&b64.decode(data).context("bad stdout chunk")?)
-                    .await?;
-                stdout.flush().await?;
+            RawEvent::Stdout(bytes) => {
+                write_fd(&std::io::stdout(), &bytes).context("cannot write standard output")?;
             }
-            CommandEvent::Stderr { data } => {
-                stderr
-                    .write_all(&b64.decode(data).context("bad stderr chunk")?)
-                    .await?;
-                stderr.flush().await?;
+            RawEvent::Stderr(bytes) => {
+                write_fd(&std::io::stderr(), &bytes).context("cannot write standard error")?;
             }
-            CommandEvent::Exit {
+            RawEvent::Event(CommandEvent::Started { command_id: id, .. }) => command_id = Some(id),
+            RawEvent::Event(CommandEvent::Exit {
                 code,
                 signal,
                 timed_out,
                 ..
-            } => {
+            }) => {
                 if timed_out {
                     eprintln!(
                         "berth: command timed out after {}s and was killed",
@@ -95,7 +87,23 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 };
                 return Ok(ExitCode::from(u8::try_from(status & 0xff).unwrap_or(1)));
             }
-            CommandEvent::Error { error } => anyhow::bail!("{}", error.message),
+            RawEvent::Event(CommandEvent::Error { error }) => anyhow::bail!("{}", error.message),
+            // Output never arrives as JSON on the frame stream.
+            RawEvent::Event(CommandEvent::Stdout { .. } | CommandEvent::Stderr { .. }) => {}
         }
     }
+}
+
+/// Write straight to the file descriptor: no line buffering to scan binary output for
+/// newlines, no hop through tokio's blocking pool per chunk. Blocking here is what a
+/// terminal or pipe reader expects of a CLI anyway (it is the backpressure).
+fn write_fd(fd: &impl std::os::fd::AsFd, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match nix::unistd::write(fd, buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
