@@ -274,3 +274,53 @@ async fn exec_binary_output_through_the_cli_is_byte_exact() {
         .out();
     assert!(inside.starts_with(&sha256_hex(&out)), "inside: {inside}");
 }
+
+#[tokio::test]
+async fn ctrl_c_reaches_the_remote_command_as_sigint() {
+    use tokio::io::AsyncReadExt;
+    let Some(s) = Server::start("ctrl_c_reaches_the_remote_command_as_sigint").await else {
+        return;
+    };
+    let session = uniq("ctrlc");
+    let mut child = s
+        .cli_command(&[
+            "exec",
+            "-s",
+            &session,
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.1; done",
+        ])
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(common::DEADLINE, stdout.read(&mut buf))
+            .await
+            .expect("ready")
+            .expect("read");
+        assert!(n > 0, "CLI ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // What a terminal does on Ctrl+C: SIGINT to the CLI's process.
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("kill");
+    stdout.read_to_end(&mut seen).await.expect("read rest");
+    let status = tokio::time::timeout(common::DEADLINE, child.wait())
+        .await
+        .expect("exit")
+        .expect("wait");
+    assert!(
+        String::from_utf8_lossy(&seen).contains("got-int"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "the remote trap's exit code is the CLI's"
+    );
+}
