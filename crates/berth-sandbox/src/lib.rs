@@ -5,6 +5,7 @@
 //! `README.md` beside this crate for the setup sequence and the data-dir layout.
 
 pub mod helper;
+pub mod loopdev;
 pub mod namespace;
 pub mod volume;
 

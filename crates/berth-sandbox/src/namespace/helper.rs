@@ -115,6 +115,8 @@ fn start(paths: &SessionPaths) -> anyhow::Result<()> {
     }
     tracing::debug!(elapsed = ?t.elapsed(), "rootfs ready");
     volume::mount(&plan.workspace_image, &paths.workspace())?;
+    // A spare image's root still belongs to host root (a no-op on later starts).
+    volume::adopt_root(&paths.workspace(), id)?;
     tracing::debug!(elapsed = ?t.elapsed(), "workspace mounted");
 
     let devnull = fs::File::open("/dev/null").context("open /dev/null")?;

@@ -56,6 +56,10 @@ pub struct NamespaceConfig {
     /// Ids per session (default 65 536): session root maps to
     /// `uid_base + uid_slot * uid_range`.
     pub uid_range: u32,
+    /// Pre-formatted workspace images kept ready per workspace size (default 2; 0 turns
+    /// the pool off), in `workspaces/.spare/`. The default size is kept from the start,
+    /// other sizes once a session asked for them.
+    pub spare_images: usize,
 }
 
 impl NamespaceConfig {
@@ -65,6 +69,7 @@ impl NamespaceConfig {
             berth_exe: berth_exe.into(),
             uid_base: 1_000_000,
             uid_range: 65_536,
+            spare_images: 2,
         }
     }
 }
@@ -128,6 +133,74 @@ pub struct NamespaceDriver {
     guest_exe: PathBuf,
     layout: HostLayout,
     etc_masked: Vec<String>,
+    spares: Option<SpareWorker>,
+}
+
+/// Refills the spare-image pool in a background thread, one size request at a time,
+/// off the start path. Dropping it stops the thread after its current image.
+struct SpareWorker {
+    pool: volume::SparePool,
+    requests: std::sync::Mutex<Option<std::sync::mpsc::Sender<u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A refill waits this long before it starts, so it does not compete with the start
+/// that used the spare (the guest is usually up well within this).
+const SPARE_REFILL_DELAY: Duration = Duration::from_millis(50);
+
+impl SpareWorker {
+    fn spawn(pool: volume::SparePool) -> std::io::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let pool = pool.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("berth-spares".into())
+                .spawn(move || {
+                    while let Ok(size) = rx.recv() {
+                        std::thread::sleep(SPARE_REFILL_DELAY);
+                        let stopped = || stop.load(Ordering::Relaxed);
+                        match pool.fill(size, &stopped) {
+                            Ok(0) => {}
+                            Ok(made) => tracing::debug!(size, made, "spare workspace images made"),
+                            Err(e) => tracing::warn!(size, error = %e, "cannot make a spare workspace image"),
+                        }
+                        if stopped() {
+                            break;
+                        }
+                    }
+                })?
+        };
+        Ok(Self {
+            pool,
+            requests: std::sync::Mutex::new(Some(tx)),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn refill(&self, size: u64) {
+        if let Ok(guard) = self.requests.lock() {
+            if let Some(tx) = guard.as_ref() {
+                let _ = tx.send(size);
+            }
+        }
+    }
+}
+
+impl Drop for SpareWorker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut guard) = self.requests.lock() {
+            guard.take();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn prepare_dir(path: &Path, mode: u32) -> Result<(), NewDriverError> {
@@ -207,12 +280,34 @@ impl NamespaceDriver {
             copy
         };
         let etc_masked = rootfs::etc_secrets(Path::new("/etc"));
+        let spares = if config.spare_images > 0 {
+            let pool = volume::SparePool::new(data.spares(), config.spare_images);
+            pool.clean().map_err(|source| NewDriverError::Prepare {
+                path: data.spares(),
+                source,
+            })?;
+            let worker = SpareWorker::spawn(pool).map_err(|source| NewDriverError::Prepare {
+                path: data.spares(),
+                source,
+            })?;
+            let mut sizes = worker.pool.sizes();
+            sizes.push(berth_api::runtime::defaults::workspace_size());
+            sizes.sort_unstable();
+            sizes.dedup();
+            for size in sizes {
+                worker.refill(size);
+            }
+            Some(worker)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             data,
             guest_exe,
             layout,
             etc_masked,
+            spares,
         })
     }
 
@@ -353,6 +448,7 @@ impl NamespaceDriver {
     }
 
     async fn start_inner(&self, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
+        let t0 = Instant::now();
         check_session_id(&req.session_id)?;
         let root_id = self.root_id(req.uid_slot)?;
         let paths = self.data.session(&req.session_id);
@@ -365,8 +461,19 @@ impl NamespaceDriver {
         }
         let image = self.data.workspace_image(&req.session_id);
         let size = req.runtime.workspace_size;
-        tokio::task::spawn_blocking(move || volume::ensure_image(&image, size, root_id)).await??;
+        let mut provided = volume::Provided::Existing;
+        if !image.exists() {
+            let pool = self.spares.as_ref().map(|w| w.pool.clone());
+            provided = tokio::task::spawn_blocking(move || {
+                volume::ensure_image(&image, size, root_id, pool.as_ref())
+            })
+            .await??;
+            if let Some(worker) = &self.spares {
+                worker.refill(size);
+            }
+        }
         self.write_bundle(req, &paths, root_id)?;
+        let prepared = t0.elapsed();
         let started = Instant::now();
         self.helper("start", &paths).await?;
         let helper_done = started.elapsed();
@@ -375,8 +482,11 @@ impl NamespaceDriver {
         let guest = self.wait_for_guest(&paths, init, GUEST_DEADLINE).await?;
         tracing::debug!(
             session = %req.session_id,
+            workspace = ?provided,
+            prepare = ?prepared,
             helper = ?helper_done,
             total = ?started.elapsed(),
+            start = ?t0.elapsed(),
             "sandbox ready"
         );
         Ok(Sandbox {

@@ -63,6 +63,10 @@ impl DataDir {
     pub fn host_skeleton(&self) -> PathBuf {
         self.images().join("host-skeleton")
     }
+    /// Pre-formatted spare workspace images (see `volume::SparePool`).
+    pub fn spares(&self) -> PathBuf {
+        self.workspaces().join(".spare")
+    }
     pub fn workspace_image(&self, session: &str) -> PathBuf {
         self.workspaces().join(format!("{session}.ext4"))
     }
