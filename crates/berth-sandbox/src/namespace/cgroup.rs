@@ -156,6 +156,26 @@ fn remove_tree(dir: &Path) -> bool {
     false
 }
 
+/// Whether some cgroup hierarchy is mounted with `favordynmods`. Without it, moving a
+/// process into a cgroup waits for an RCU grace period (`synchronize_rcu()` under the
+/// global `cgroup_threadgroup_rwsem`): ~5–15 ms of every sandbox start on a quiet host,
+/// the largest single step left (see `docs/design/namespace-sandbox.md`).
+pub fn favors_dynmods() -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| mountinfo_favors_dynmods(&info))
+}
+
+fn mountinfo_favors_dynmods(info: &str) -> bool {
+    info.lines().any(|line| {
+        let Some((_, fs_part)) = line.split_once(" - ") else {
+            return false;
+        };
+        let mut fields = fs_part.split(' ');
+        let fstype = fields.next().unwrap_or("");
+        let super_opts = fields.nth(1).unwrap_or("");
+        fstype.starts_with("cgroup") && super_opts.split(',').any(|o| o == "favordynmods")
+    })
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -185,6 +205,19 @@ mod tests {
         assert!(SandboxCgroup::with_root(tmp.path(), "/berth/other")
             .stats()
             .is_none());
+    }
+
+    #[test]
+    fn favordynmods_from_mountinfo() {
+        let plain = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n";
+        let favor = "67 27 0:41 / /x rw,relatime - cgroup cgroup rw,favordynmods,name=b\n";
+        let v2 = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n";
+        assert!(!mountinfo_favors_dynmods(plain));
+        assert!(mountinfo_favors_dynmods(&format!("{plain}{favor}")));
+        assert!(mountinfo_favors_dynmods(v2));
+        assert!(!mountinfo_favors_dynmods(
+            "1 2 0:1 / /favordynmods rw - tmpfs favordynmods rw\n"
+        ));
     }
 
     #[test]

@@ -40,6 +40,9 @@ const ADOPT_DEADLINE: Duration = Duration::from_secs(2);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
+/// How long `start` waits for the guest's socket to appear (inotify) before it falls back
+/// to polling, which also notices a dead init.
+const SOCKET_WAIT: Duration = Duration::from_millis(100);
 /// `guest.log` is truncated when it grows past this.
 const GUEST_LOG_MAX: u64 = 1 << 20;
 
@@ -280,6 +283,13 @@ impl NamespaceDriver {
             copy
         };
         let etc_masked = rootfs::etc_secrets(Path::new("/etc"));
+        if !cgroup::favors_dynmods() {
+            tracing::info!(
+                "no cgroup hierarchy is mounted with favordynmods: every sandbox start waits \
+                 for an RCU grace period (~5-15 ms) to move its init into its cgroup; see \
+                 docs/design/namespace-sandbox.md"
+            );
+        }
         let spares = if config.spare_images > 0 {
             let pool = volume::SparePool::new(data.spares(), config.spare_images);
             pool.clean().map_err(|source| NewDriverError::Prepare {
@@ -505,6 +515,19 @@ impl NamespaceDriver {
     ) -> Result<Guest, SandboxError> {
         let start = Instant::now();
         let sock = paths.guest_sock_short();
+        {
+            // Bounded: the loop below still watches the init and the deadline. Only the
+            // answer is awaited: closing an inotify instance waits for an SRCU grace
+            // period (measured ~14 ms), which the blocking thread pays afterwards.
+            let sock = sock.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            drop(tokio::task::spawn_blocking(move || {
+                wait_for_path(&sock, SOCKET_WAIT, |found| {
+                    let _ = tx.send(found);
+                })
+            }));
+            let _ = rx.await;
+        }
         let mut attempt = 0u32;
         loop {
             if sock.exists() {
@@ -562,6 +585,69 @@ impl NamespaceDriver {
         check_session_id(session_id).ok()?;
         InitProcess::read(&self.data.session(session_id).init_pid())
     }
+}
+
+/// Wait until `path` exists, for at most `limit`, without polling: an inotify watch on
+/// its directory (the guest creates its socket under a temporary name and renames it
+/// into place once it listens). Tells `done` whether it exists before the inotify
+/// instance is closed (closing waits for an SRCU grace period).
+fn wait_for_path(path: &Path, limit: Duration, done: impl FnOnce(bool)) {
+    let mut done = Some(done);
+    let mut report = |found: bool| {
+        if let Some(done) = done.take() {
+            done(found);
+        }
+    };
+    let inotify = watch_for_path(path, limit, &mut report);
+    report(path.exists());
+    drop(inotify);
+}
+
+/// The body of [`wait_for_path`]; returns the inotify instance for the caller to close.
+fn watch_for_path(
+    path: &Path,
+    limit: Duration,
+    report: &mut dyn FnMut(bool),
+) -> Option<nix::sys::inotify::Inotify> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::AsFd;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return None;
+    };
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok()?;
+    if inotify
+        .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+        .is_err()
+    {
+        return Some(inotify);
+    }
+    // Checked after the watch exists, so a socket created in between is not missed.
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(timeout) = PollTimeout::try_from(left) else {
+            break;
+        };
+        if left.is_zero() {
+            break;
+        }
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => break,
+            Ok(_) => {
+                if let Ok(events) = inotify.read_events() {
+                    if events.iter().any(|e| e.name.as_deref() == Some(name)) {
+                        report(true);
+                        break;
+                    }
+                }
+            }
+            Err(nix::Error::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    Some(inotify)
 }
 
 fn start_error(session: &str, e: SandboxError) -> DriverError {
