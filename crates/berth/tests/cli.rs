@@ -308,7 +308,10 @@ async fn ctrl_c_reaches_the_remote_command_as_sigint() {
     // What a terminal does on Ctrl+C: SIGINT to the CLI's process.
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("kill");
-    stdout.read_to_end(&mut seen).await.expect("read rest");
+    tokio::time::timeout(common::DEADLINE, stdout.read_to_end(&mut seen))
+        .await
+        .expect("the CLI exits after Ctrl+C")
+        .expect("read rest");
     let status = tokio::time::timeout(common::DEADLINE, child.wait())
         .await
         .expect("exit")

@@ -34,6 +34,10 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         runtime: args.runtime.clone(),
         ..Default::default()
     };
+    // Register for SIGINT before anything runs remotely, so that a Ctrl+C at any point
+    // is forwarded rather than killing the CLI (and with it, by hang-up, the command).
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot handle Ctrl+C")?;
     let mut events = client
         .run_command_raw(&args.session, &req)
         .await
@@ -43,7 +47,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
     loop {
         let event = tokio::select! {
             ev = events.next() => ev,
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupts.recv() => {
                 ctrl_c += 1;
                 if ctrl_c >= CTRL_C_LIMIT {
                     anyhow::bail!("interrupted; the command was killed");
