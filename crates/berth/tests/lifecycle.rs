@@ -284,6 +284,7 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
     assert!(s.stop_server_async().await, "server stops on SIGTERM");
     let mut left = s.leftovers(Some(&kept));
     left.extend(s.leftovers(Some(&gone)));
+    left.extend(s.leftovers(None));
     assert!(left.is_empty(), "left behind after server stop: {left:#?}");
     assert!(
         s.data_dir

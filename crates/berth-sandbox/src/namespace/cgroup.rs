@@ -127,13 +127,32 @@ impl SandboxCgroup {
         for dir in self.dirs() {
             if !remove_tree(&dir) {
                 left.push(dir);
-            } else if let Some(parent) = dir.parent() {
-                // The per-server parent goes with its last session; while other
-                // sessions run it is not empty and rmdir refuses, as intended.
-                let _ = fs::remove_dir(parent);
             }
         }
+        self.remove_empty_parent();
         left
+    }
+
+    /// rmdir the per-server parent (`/berth/<server>`) in every hierarchy. It goes with
+    /// its last session; while other sessions run it is not empty and rmdir refuses, as
+    /// intended. Runs even when libcontainer already removed the session's own dirs.
+    fn remove_empty_parent(&self) {
+        let Some(parent) = Path::new(&self.cgroup)
+            .parent()
+            .filter(|p| p.components().count() >= 2)
+        else {
+            return;
+        };
+        let parent = parent.strip_prefix("/").unwrap_or(parent);
+        if self.unified() {
+            let _ = fs::remove_dir(self.root.join(parent));
+            return;
+        }
+        for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::remove_dir(entry.path().join(parent));
+            }
+        }
     }
 }
 
@@ -236,5 +255,27 @@ mod tests {
                 memory_peak_bytes: 8192
             })
         );
+    }
+
+    #[test]
+    fn removing_the_last_session_removes_the_server_parent() {
+        let tmp = tempfile::tempdir().unwrap();
+        for h in ["memory", "pids"] {
+            fs::create_dir_all(tmp.path().join(h).join("berth/srv/a")).unwrap();
+            fs::create_dir_all(tmp.path().join(h).join("berth/srv/b")).unwrap();
+        }
+        SandboxCgroup::with_root(tmp.path(), "/berth/srv/a").kill_and_remove();
+        assert!(
+            tmp.path().join("memory/berth/srv/b").is_dir(),
+            "a sibling keeps the parent"
+        );
+        SandboxCgroup::with_root(tmp.path(), "/berth/srv/b").kill_and_remove();
+        for h in ["memory", "pids"] {
+            assert!(
+                !tmp.path().join(h).join("berth/srv").exists(),
+                "{h}: parent left behind"
+            );
+            assert!(tmp.path().join(h).join("berth").is_dir());
+        }
     }
 }

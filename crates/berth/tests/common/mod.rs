@@ -500,6 +500,23 @@ pub fn host_leftovers(data_dir: &Path, session: Option<&str>) -> Vec<String> {
         for c in cgroups_named(session) {
             found.push(format!("cgroup {}", c.display()));
         }
+    } else {
+        // The server's own cgroup parent, `/berth/<12 hex of sha256(<data dir>/run)>`,
+        // goes with its last sandbox.
+        use sha2::Digest;
+        let run = data_dir.join("run");
+        let digest = sha2::Sha256::digest(run.as_os_str().as_encoded_bytes());
+        let server: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let parent = h.path().join("berth").join(&server);
+            if parent.is_dir() {
+                found.push(format!("cgroup {}", parent.display()));
+            }
+        }
     }
     found
 }
