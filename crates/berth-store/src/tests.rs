@@ -80,6 +80,14 @@ async fn records_survive_reopen() {
     }
     let store = Store::open(&path).await.unwrap();
     assert!(store.get_session("keep").await.unwrap().is_some());
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["state.db", "state.db-wal", "state.db-shm"] {
+        let mode = std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is {mode:o}");
+    }
     assert_eq!(
         store.token_role("abc").await.unwrap().as_deref(),
         Some("admin")
