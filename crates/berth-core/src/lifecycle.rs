@@ -2,7 +2,6 @@
 //! reconciliation with what a previous server process left running.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use berth_api::SessionState;
 
@@ -137,6 +136,5 @@ impl Core {
                 tracing::warn!(session = %slot.id, error = %e, "stopping sandbox failed");
             }
         }
-        let _ = Duration::ZERO;
     }
 }
