@@ -285,93 +285,78 @@ fn enc(segment: &str) -> String {
 
 /// Split a streamed response into JSON lines.
 fn ndjson(resp: Response) -> EventStream {
-    let bytes = resp.bytes_stream();
-    let stream = futures::stream::unfold(
-        (bytes, BytesMut::new(), false),
-        |(mut bytes, mut buf, done)| async move {
-            loop {
-                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line = buf.split_to(pos + 1);
-                    let ev = serde_json::from_slice::<CommandEvent>(&line[..pos])
-                        .map_err(|e| ClientError::Protocol(format!("bad event line: {e}")));
-                    return Some((ev, (bytes, buf, done)));
-                }
-                if done {
-                    return None;
-                }
-                match bytes.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    Some(Err(e)) => {
-                        return Some((Err(ClientError::Transport(e)), (bytes, buf, true)))
-                    }
-                    None => {
-                        if buf.is_empty() {
-                            return None;
-                        }
-                        return Some((
-                            Err(ClientError::Protocol("stream ended inside an event".into())),
-                            (bytes, BytesMut::new(), true),
-                        ));
-                    }
-                }
-            }
-        },
-    );
-    Box::pin(stream)
+    decoded(resp, |buf| {
+        let Some(pos) = buf.iter().position(|b| *b == b'\n') else {
+            return Ok(None);
+        };
+        let line = buf.split_to(pos + 1);
+        serde_json::from_slice::<CommandEvent>(&line[..pos])
+            .map(Some)
+            .map_err(|e| ClientError::Protocol(format!("bad event line: {e}")))
+    })
 }
 
 /// Split a binary frame response into events.
 fn frames(resp: Response) -> RawEventStream {
-    use berth_api::frames::{decode, Frame};
-    let bytes = resp.bytes_stream();
-    let stream = futures::stream::unfold(
-        (bytes, BytesMut::new(), false),
-        |(mut bytes, mut buf, done)| async move {
+    use berth_api::frames::{decode, Frame, HEADER_LEN};
+    decoded(resp, |buf| {
+        let (frame, used) = match decode(buf) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        };
+        // Output payloads are split off the buffer, not copied.
+        let payload = |buf: &mut BytesMut| {
+            let mut frame = buf.split_to(used);
+            bytes::Buf::advance(&mut frame, HEADER_LEN);
+            frame.freeze()
+        };
+        Ok(Some(match frame {
+            Frame::Event(ev) => {
+                let _ = buf.split_to(used);
+                RawEvent::Event(ev)
+            }
+            Frame::Stdout(_) => RawEvent::Stdout(payload(buf)),
+            Frame::Stderr(_) => RawEvent::Stderr(payload(buf)),
+        }))
+    })
+}
+
+/// Turn a streamed body into items with `next`, which takes one complete item off the
+/// front of the buffer (`Ok(None)`: needs more bytes). A decode error ends the stream.
+fn decoded<T, F>(
+    resp: Response,
+    next: F,
+) -> Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send>>
+where
+    T: Send + 'static,
+    F: FnMut(&mut BytesMut) -> Result<Option<T>, ClientError> + Send + 'static,
+{
+    let state = (resp.bytes_stream(), BytesMut::new(), next, false);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut body, mut buf, mut next, done)| async move {
+            if done {
+                return None;
+            }
             loop {
-                match decode(&buf) {
-                    Ok(Some((frame, used))) => {
-                        // Output payloads are split off the buffer, not copied.
-                        let payload = |buf: &mut BytesMut| {
-                            let mut frame = buf.split_to(used);
-                            bytes::Buf::advance(&mut frame, berth_api::frames::HEADER_LEN);
-                            frame.freeze()
-                        };
-                        let ev = match frame {
-                            Frame::Event(ev) => {
-                                let _ = buf.split_to(used);
-                                RawEvent::Event(ev)
-                            }
-                            Frame::Stdout(_) => RawEvent::Stdout(payload(&mut buf)),
-                            Frame::Stderr(_) => RawEvent::Stderr(payload(&mut buf)),
-                        };
-                        return Some((Ok(ev), (bytes, buf, done)));
-                    }
+                match next(&mut buf) {
+                    Ok(Some(item)) => return Some((Ok(item), (body, buf, next, false))),
                     Ok(None) => {}
-                    Err(e) => {
-                        return Some((
-                            Err(ClientError::Protocol(e.to_string())),
-                            (bytes, BytesMut::new(), true),
-                        ))
-                    }
+                    Err(e) => return Some((Err(e), (body, buf, next, true))),
                 }
-                if done {
-                    return None;
-                }
-                match bytes.next().await {
+                match body.next().await {
                     Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
                     Some(Err(e)) => {
-                        return Some((Err(ClientError::Transport(e)), (bytes, buf, true)))
+                        return Some((Err(ClientError::Transport(e)), (body, buf, next, true)))
                     }
                     None if buf.is_empty() => return None,
                     None => {
-                        return Some((
-                            Err(ClientError::Protocol("stream ended inside a frame".into())),
-                            (bytes, BytesMut::new(), true),
-                        ))
+                        let err = ClientError::Protocol("stream ended inside an event".into());
+                        return Some((Err(err), (body, buf, next, true)));
                     }
                 }
             }
         },
-    );
-    Box::pin(stream)
+    ))
 }

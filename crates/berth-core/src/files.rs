@@ -44,12 +44,7 @@ impl Core {
         path: &str,
         tar: bool,
     ) -> Result<ReadStream, CoreError> {
-        validate::id("session_id", session_id)?;
-        validate::sandbox_path("path", path)?;
-        self.record(session_id).await?;
-        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
-        let busy = BusyGuard::new(slot);
-        let mut guest = sandbox.guest.clone();
+        let (busy, mut guest) = self.file_guest(session_id, path).await?;
         let session = session_id.to_string();
         let mut chunks = guest
             .read_file(ReadFileRequest {
@@ -130,12 +125,7 @@ impl Core {
     }
 
     pub async fn stat_file(&self, session_id: &str, path: &str) -> Result<FileInfo, CoreError> {
-        validate::id("session_id", session_id)?;
-        validate::sandbox_path("path", path)?;
-        self.record(session_id).await?;
-        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
-        let _busy = BusyGuard::new(slot);
-        let mut guest = sandbox.guest.clone();
+        let (_busy, mut guest) = self.file_guest(session_id, path).await?;
         let info = guest
             .stat(PathRequest {
                 path: path.to_string(),
@@ -146,12 +136,7 @@ impl Core {
     }
 
     pub async fn list_dir(&self, session_id: &str, path: &str) -> Result<Vec<FileInfo>, CoreError> {
-        validate::id("session_id", session_id)?;
-        validate::sandbox_path("path", path)?;
-        self.record(session_id).await?;
-        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
-        let _busy = BusyGuard::new(slot);
-        let mut guest = sandbox.guest.clone();
+        let (_busy, mut guest) = self.file_guest(session_id, path).await?;
         let list = guest
             .list_dir(PathRequest {
                 path: path.to_string(),
@@ -164,5 +149,19 @@ impl Core {
             .into_iter()
             .map(Into::into)
             .collect())
+    }
+
+    /// Checks shared by file reads of an existing session, then its guest (resuming the
+    /// sandbox if needed) and a guard that keeps it from idling meanwhile.
+    async fn file_guest(
+        &self,
+        session_id: &str,
+        path: &str,
+    ) -> Result<(BusyGuard, berth_guest::client::Guest), CoreError> {
+        validate::id("session_id", session_id)?;
+        validate::sandbox_path("path", path)?;
+        self.record(session_id).await?;
+        let (slot, sandbox, _) = self.ensure_running(session_id).await?;
+        Ok((BusyGuard::new(slot), sandbox.guest.clone()))
     }
 }
