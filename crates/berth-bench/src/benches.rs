@@ -2,11 +2,13 @@
 //! to the report.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use berth_api::{CommandEvent, CommandRequest};
+use berth_client::RawEvent;
 use futures::StreamExt;
 
 use crate::host;
@@ -89,10 +91,25 @@ async fn timed(ctx: &Ctx, session: &str, req: &CommandRequest) -> Result<Timed> 
     bail!("session {session}: event stream ended without an exit event")
 }
 
-/// `sandbox ready` debug lines of the server log: session id → (helper, total) for
-/// every sandbox start, in order.
-fn sandbox_ready_lines(log: &str) -> BTreeMap<String, Vec<(Duration, Duration)>> {
-    let mut out: BTreeMap<String, Vec<(Duration, Duration)>> = BTreeMap::new();
+/// One `sandbox ready` debug line of the server log (one sandbox start).
+#[derive(Debug, Clone, PartialEq)]
+struct StartLine {
+    /// `Existing`, `Spare` or `Formatted` (how the workspace image was provided).
+    workspace: Option<String>,
+    /// Stale-run check, workspace image, bundle and plan, before the helper runs.
+    prepare: Option<Duration>,
+    /// The sandbox helper (container create + start).
+    helper: Duration,
+    /// Helper start → guest `Health`.
+    total: Duration,
+    /// The whole driver `start()` (prepare + total).
+    start: Option<Duration>,
+}
+
+/// `sandbox ready` debug lines of the server log: session id → every sandbox start, in
+/// order.
+fn sandbox_ready_lines(log: &str) -> BTreeMap<String, Vec<StartLine>> {
+    let mut out: BTreeMap<String, Vec<StartLine>> = BTreeMap::new();
     for line in log.lines() {
         let line = strip_ansi(line);
         if !line.contains("sandbox ready") {
@@ -103,14 +120,19 @@ fn sandbox_ready_lines(log: &str) -> BTreeMap<String, Vec<(Duration, Duration)>>
                 .find_map(|w| w.strip_prefix(key))
                 .map(str::to_string)
         };
+        let dur = |key: &str| field(key).as_deref().and_then(parse_debug_duration);
         let (Some(session), Some(helper), Some(total)) =
-            (field("session="), field("helper="), field("total="))
+            (field("session="), dur("helper="), dur("total="))
         else {
             continue;
         };
-        if let (Some(h), Some(t)) = (parse_debug_duration(&helper), parse_debug_duration(&total)) {
-            out.entry(session).or_default().push((h, t));
-        }
+        out.entry(session).or_default().push(StartLine {
+            workspace: field("workspace="),
+            prepare: dur("prepare="),
+            helper,
+            total,
+            start: dur("start="),
+        });
     }
     out
 }
@@ -194,58 +216,82 @@ pub(crate) async fn run_all(
             "berth-bench: concurrency ({} sessions × {} commands)",
             ctx.args.concurrent_sessions, ctx.args.commands_per_session
         );
-        concurrency(ctx, figures, notes)
+        concurrency(ctx, server, figures, notes)
             .await
             .context("concurrency benchmark")?;
     }
     Ok(())
 }
 
-/// Driver start-up breakdown for the starts of `sessions` (in order, skipping `skip`
-/// starts of each).
-fn driver_figures(
-    server: &Server,
-    key: &str,
-    label: &str,
-    sessions: &[String],
-    skip: usize,
-) -> Vec<Figure> {
+/// The sandbox starts of `sessions` in the server log (in order, skipping `skip` starts
+/// of each).
+fn starts_of(server: &Server, sessions: &[String], skip: usize) -> Vec<StartLine> {
     let lines = sandbox_ready_lines(&server.log_text());
-    let mut helper = Vec::new();
-    let mut total = Vec::new();
-    for s in sessions {
-        for (h, t) in lines.get(s).into_iter().flatten().skip(skip) {
-            helper.push(ms(*h));
-            total.push(ms(*t));
-        }
-    }
-    if total.is_empty() {
-        return vec![];
-    }
-    let guest: Vec<f64> = total.iter().zip(&helper).map(|(t, h)| t - h).collect();
-    vec![
-        Figure::from_samples(
-            &format!("{key}.driver_ms"),
-            &format!("↳ {label}: driver start (server log)"),
-            "ms",
-            &total,
-        ),
-        Figure::from_samples(
-            &format!("{key}.helper_ms"),
-            &format!("↳ {label}: sandbox-helper start (container create)"),
-            "ms",
-            &helper,
-        ),
-        Figure::from_samples(
-            &format!("{key}.guest_wait_ms"),
-            &format!("↳ {label}: wait for guest health"),
-            "ms",
-            &guest,
-        ),
-    ]
+    sessions
+        .iter()
+        .flat_map(|s| lines.get(s).into_iter().flatten().skip(skip).cloned())
+        .collect()
 }
 
-/// Benchmark 1: First command on a brand-new session id: creates the session and its sandbox.
+/// How many of `starts` got their workspace each way, e.g. `Spare 61, Formatted 39`.
+fn workspace_counts(starts: &[StartLine]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in starts {
+        *counts
+            .entry(s.workspace.as_deref().unwrap_or("unlogged"))
+            .or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    parts.join(", ")
+}
+
+/// Driver start-up breakdown of `starts`.
+fn driver_figures(key: &str, label: &str, starts: &[StartLine]) -> Vec<Figure> {
+    if starts.is_empty() {
+        return vec![];
+    }
+    let whole: Vec<f64> = starts
+        .iter()
+        .map(|s| ms(s.start.unwrap_or(s.total)))
+        .collect();
+    let prepare: Vec<f64> = starts.iter().filter_map(|s| s.prepare.map(ms)).collect();
+    let helper: Vec<f64> = starts.iter().map(|s| ms(s.helper)).collect();
+    let guest: Vec<f64> = starts.iter().map(|s| ms(s.total) - ms(s.helper)).collect();
+    let mut out = vec![Figure::from_samples(
+        &format!("{key}.driver_ms"),
+        &format!("↳ {label}: driver `start()` (server log)"),
+        "ms",
+        &whole,
+    )
+    .note(format!("workspace image: {}", workspace_counts(starts)))];
+    if !prepare.is_empty() {
+        out.push(Figure::from_samples(
+            &format!("{key}.prepare_ms"),
+            &format!("↳ {label}: driver prepare (workspace image, bundle)"),
+            "ms",
+            &prepare,
+        ));
+    }
+    out.push(Figure::from_samples(
+        &format!("{key}.helper_ms"),
+        &format!("↳ {label}: sandbox-helper start (container create)"),
+        "ms",
+        &helper,
+    ));
+    out.push(Figure::from_samples(
+        &format!("{key}.guest_wait_ms"),
+        &format!("↳ {label}: wait for guest health"),
+        "ms",
+        &guest,
+    ));
+    out
+}
+
+/// Benchmark 1: First command on a brand-new session id: creates the session, its
+/// workspace image and its sandbox. Each id is checked to be unknown to the server
+/// first, and the server log tells whether the workspace came from a spare image or
+/// from mkfs (the driver keeps two spares and refills them ~50 ms after use, so back to
+/// back runs can empty the pool).
 async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
     let req = argv(&["true"]);
     let mut started = Vec::new();
@@ -253,14 +299,53 @@ async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> R
     let mut measured = Vec::new();
     for i in 0..ctx.args.warmup + ctx.args.runs {
         let id = ctx.session(&format!("new-{i}"));
+        match ctx.client.get_session(&id).await {
+            Err(e) if e.code() == Some(berth_api::ErrorCode::NotFound) => {}
+            Ok(_) => bail!("session {id} exists before its first command"),
+            Err(e) => return Err(e).context(format!("cannot look up session {id}")),
+        }
+        if ctx.args.new_gap_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ctx.args.new_gap_ms)).await;
+        }
         let t = timed(ctx, &id, &req).await?;
         if i >= ctx.args.warmup {
             started.push(ms(t.started));
             exit.push(ms(t.exit));
             measured.push(id.clone());
         }
-        ctx.delete(&id).await?;
+        if i == 0 {
+            ctx.observe_cgroup(&id);
+        }
+        if !ctx.args.new_keep {
+            ctx.delete(&id).await?;
+        }
     }
+    if ctx.args.new_keep {
+        let failed = ctx.delete_all().await;
+        if !failed.is_empty() {
+            bail!("cannot delete sessions: {failed:?}");
+        }
+    }
+    let starts = starts_of(server, &measured, 0);
+    if starts.len() != measured.len() {
+        bail!(
+            "{} `sandbox ready` lines in the server log for {} new sessions",
+            starts.len(),
+            measured.len()
+        );
+    }
+    if let Some(s) = starts
+        .iter()
+        .find(|s| s.workspace.as_deref() == Some("Existing"))
+    {
+        bail!("a new session found an existing workspace image: {s:?}");
+    }
+    let gap = match (ctx.args.new_gap_ms, ctx.args.new_keep) {
+        (0, false) => "back to back (only the untimed delete between runs)".to_string(),
+        (0, true) => "back to back, sessions kept running until the end".to_string(),
+        (g, false) => format!("{g} ms pause before each run"),
+        (g, true) => format!("{g} ms pause before each run, sessions kept running"),
+    };
     figures.push(
         Figure::from_samples(
             "new_session.started_ms",
@@ -268,7 +353,11 @@ async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> R
             "ms",
             &started,
         )
-        .target(Target::at_most(30.0)),
+        .target(Target::at_most(30.0))
+        .note(format!(
+            "{gap}; workspace image: {}",
+            workspace_counts(&starts)
+        )),
     );
     figures.push(Figure::from_samples(
         "new_session.exit_ms",
@@ -276,7 +365,23 @@ async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> R
         "ms",
         &exit,
     ));
-    figures.extend(driver_figures(server, "new_session", "new", &measured, 0));
+    for kind in ["Spare", "Formatted"] {
+        let of_kind: Vec<f64> = started
+            .iter()
+            .zip(&starts)
+            .filter(|(_, s)| s.workspace.as_deref() == Some(kind))
+            .map(|(t, _)| *t)
+            .collect();
+        if !of_kind.is_empty() && of_kind.len() < started.len() {
+            figures.push(Figure::from_samples(
+                &format!("new_session.started_{}_ms", kind.to_lowercase()),
+                &format!("↳ new: → `started`, runs whose workspace was {kind}"),
+                "ms",
+                &of_kind,
+            ));
+        }
+    }
+    figures.extend(driver_figures("new_session", "new", &starts));
     Ok(())
 }
 
@@ -358,37 +463,92 @@ async fn resume(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result
         &stop,
     ));
     // The session's first start and the warm-up resumes are not measured.
-    figures.extend(driver_figures(
-        server,
-        "resume",
-        "resume",
-        std::slice::from_ref(&id),
-        1 + ctx.args.warmup,
-    ));
+    let starts = starts_of(server, std::slice::from_ref(&id), 1 + ctx.args.warmup);
+    figures.extend(driver_figures("resume", "resume", &starts));
     Ok(())
 }
 
-/// One streamed throughput run at the client.
+/// CPU seconds used so far by this process (the API client), the server, the sandbox
+/// cgroup (guest + the command), and this process's reaped children (`berth exec`).
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    client: f64,
+    server: f64,
+    sandbox: f64,
+    children: f64,
+}
+
+impl Cpu {
+    fn now(ctx: &Ctx, session: &str) -> Self {
+        let cpu = |pid: Option<u32>| pid.and_then(host::proc_cpu_seconds).unwrap_or(f64::NAN);
+        let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        let children = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+            .map_or(f64::NAN, |u| tv(u.user_time()) + tv(u.system_time()));
+        Self {
+            client: cpu(Some(std::process::id())),
+            server: cpu(ctx.server_pid),
+            sandbox: host::sandbox_cpu_ns(session).map_or(f64::NAN, |n| n as f64 / 1e9),
+            children,
+        }
+    }
+
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            client: self.client - earlier.client,
+            server: self.server - earlier.server,
+            sandbox: self.sandbox - earlier.sandbox,
+            children: self.children - earlier.children,
+        }
+    }
+}
+
+/// One streamed throughput run.
 struct Stream {
     wall: Duration,
-    decoded: u64,
-    wire: u64,
+    /// Output bytes that reached the client (decoded, for NDJSON).
+    payload: u64,
+    /// HTTP body bytes (NDJSON only; the frame client hands out payloads).
+    wire: Option<u64>,
+    /// Stdout frames (frames only).
+    frames: Option<u64>,
+    /// CPU used by the client side: this process, or the `berth exec` process.
     client_cpu_s: f64,
     server_cpu_s: f64,
     sandbox_cpu_s: f64,
 }
 
-/// Stream `head -c N /dev/zero` over the API: split NDJSON lines, parse each event and
-/// decode its base64, as a real client must.
-async fn stream_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
-    let req = argv(&["head", "-c", &bytes.to_string(), "/dev/zero"]);
-    let me = std::process::id();
-    let cpu = |pid: Option<u32>| pid.and_then(host::proc_cpu_seconds).unwrap_or(f64::NAN);
-    let (c0, s0, b0) = (
-        cpu(Some(me)),
-        cpu(ctx.server_pid),
-        host::sandbox_cpu_ns(id).map_or(f64::NAN, |n| n as f64 / 1e9),
-    );
+impl Stream {
+    fn new(wall: Duration, payload: u64, cpu: Cpu, client_is_child: bool) -> Self {
+        Self {
+            wall,
+            payload,
+            wire: None,
+            frames: None,
+            client_cpu_s: if client_is_child {
+                cpu.children
+            } else {
+                cpu.client
+            },
+            server_cpu_s: cpu.server,
+            sandbox_cpu_s: cpu.sandbox,
+        }
+    }
+}
+
+/// True when every byte is zero (an OR reduction, which the compiler vectorises).
+fn all_zero(buf: &[u8]) -> bool {
+    buf.iter().fold(0u8, |acc, b| acc | b) == 0
+}
+
+fn head_zero(bytes: u64) -> CommandRequest {
+    argv(&["head", "-c", &bytes.to_string(), "/dev/zero"])
+}
+
+/// Stream `head -c N /dev/zero` over the API as NDJSON: split lines, parse each event
+/// and decode its base64, as a client of the default encoding must.
+async fn stream_ndjson_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
+    let req = head_zero(bytes);
+    let before = Cpu::now(ctx, id);
     let t0 = Instant::now();
     let resp = ctx
         .http
@@ -421,7 +581,7 @@ async fn stream_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
                     out.clear();
                     b64.decode_vec(data, &mut out)
                         .context("stdout is not base64")?;
-                    if out.iter().any(|b| *b != 0) {
+                    if !all_zero(&out) {
                         bail!("/dev/zero produced a non-zero byte at the client");
                     }
                     decoded += out.len() as u64;
@@ -434,99 +594,165 @@ async fn stream_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
         buf.drain(..start);
     }
     let wall = t0.elapsed();
+    let cpu = Cpu::now(ctx, id).since(before);
     if exit_code != Some(Some(0)) {
         bail!("head exited with {exit_code:?}");
     }
     if decoded != bytes {
         bail!("received {decoded} bytes of {bytes}");
     }
-    Ok(Stream {
-        wall,
-        decoded,
-        wire,
-        client_cpu_s: cpu(Some(me)) - c0,
-        server_cpu_s: cpu(ctx.server_pid) - s0,
-        sandbox_cpu_s: host::sandbox_cpu_ns(id).map_or(f64::NAN, |n| n as f64 / 1e9) - b0,
-    })
+    let mut s = Stream::new(wall, decoded, cpu, false);
+    s.wire = Some(wire);
+    Ok(s)
 }
 
-/// Benchmark 4: Output throughput through the API and, for reference, through `berth exec`.
-async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
-    let bytes = ctx.args.throughput_bytes;
-    let id = ctx.session("tput");
-    timed(ctx, &id, &argv(&["true"])).await?;
-    let mut runs = Vec::new();
-    for _ in 0..ctx.args.throughput_runs {
-        runs.push(stream_once(ctx, &id, bytes).await?);
+/// Stream `head -c N /dev/zero` as binary frames through `Client::run_command_raw`,
+/// counting (and checking) the raw payload bytes.
+async fn stream_frames_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
+    let req = head_zero(bytes);
+    let before = Cpu::now(ctx, id);
+    let t0 = Instant::now();
+    let mut events = ctx
+        .client
+        .run_command_raw(id, &req)
+        .await
+        .context("throughput request (frames) failed")?;
+    let (mut payload, mut frames, mut exit_code) = (0u64, 0u64, None);
+    while let Some(ev) = events.next().await {
+        match ev.context("frame stream broke")? {
+            RawEvent::Stdout(data) => {
+                if !all_zero(&data) {
+                    bail!("/dev/zero produced a non-zero byte at the client");
+                }
+                payload += data.len() as u64;
+                frames += 1;
+            }
+            RawEvent::Event(CommandEvent::Exit { code, .. }) => exit_code = Some(code),
+            RawEvent::Event(CommandEvent::Error { error }) => {
+                bail!("error event: {}", error.message)
+            }
+            RawEvent::Stderr(_) | RawEvent::Event(_) => {}
+        }
     }
+    let wall = t0.elapsed();
+    let cpu = Cpu::now(ctx, id).since(before);
+    if exit_code != Some(Some(0)) {
+        bail!("head exited with {exit_code:?}");
+    }
+    if payload != bytes {
+        bail!("received {payload} bytes of {bytes}");
+    }
+    let mut s = Stream::new(wall, payload, cpu, false);
+    s.frames = Some(frames);
+    Ok(s)
+}
+
+/// `berth exec --session S -- head -c N /dev/zero > /dev/null`: wall time of the CLI
+/// process (start-up, connect, frames, writes to /dev/null, exit).
+async fn stream_cli_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
+    let before = Cpu::now(ctx, id);
+    let t0 = Instant::now();
+    let status = tokio::process::Command::new(&ctx.args.berth)
+        .args(["exec", "--session", id, "--", "head", "-c"])
+        .arg(bytes.to_string())
+        .arg("/dev/zero")
+        .env("BERTH_URL", &ctx.url)
+        .env("BERTH_TOKEN", &ctx.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .context("cannot run berth exec")?;
+    let wall = t0.elapsed();
+    let cpu = Cpu::now(ctx, id).since(before);
+    if !status.success() {
+        bail!("berth exec … head -c {bytes} /dev/zero failed: {status}");
+    }
+    Ok(Stream::new(wall, bytes, cpu, true))
+}
+
+/// The figure for one throughput path, with its CPU split per GB in the note.
+fn throughput_figure(key: &str, name: &str, client: &str, runs: &[Stream]) -> Figure {
     let mbps: Vec<f64> = runs
         .iter()
-        .map(|r| r.decoded as f64 / r.wall.as_secs_f64() / 1e6)
+        .map(|r| r.payload as f64 / r.wall.as_secs_f64() / 1e6)
         .collect();
     let median = |v: Vec<f64>| crate::stats::Summary::of(&v).map_or(f64::NAN, |s| s.p50);
     let per_gb = |f: fn(&Stream) -> f64| {
         median(
             runs.iter()
-                .map(|r| f(r) / (r.decoded as f64 / 1e9))
+                .map(|r| f(r) / (r.payload as f64 / 1e9))
                 .collect(),
         )
     };
-    let wire_ratio = median(
-        runs.iter()
-            .map(|r| r.wire as f64 / r.decoded as f64)
-            .collect(),
-    );
-    let note = format!(
-        "`head -c {bytes} /dev/zero`; decoded payload bytes counted at the client \
-         (MB = 10^6 B). Per GB decoded (medians): wall {} s, client CPU {} s (HTTP + JSON \
-         parse + base64 decode), server CPU {} s, sandbox cgroup CPU {} s (guest + head); \
-         wire/payload ratio {}",
+    let mut note = format!(
+        "per GB of payload (medians): wall {} s, CPU: client {} s ({client}), server {} s, \
+         sandbox cgroup {} s (guest + head)",
         num(per_gb(|r| r.wall.as_secs_f64())),
         num(per_gb(|r| r.client_cpu_s)),
         num(per_gb(|r| r.server_cpu_s)),
         num(per_gb(|r| r.sandbox_cpu_s)),
-        num(wire_ratio)
     );
-    figures.push(
-        Figure::from_samples(
-            "throughput.api_mb_s",
-            "output throughput, API (decoded)",
-            "MB/s",
-            &mbps,
-        )
+    let wire: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some(r.wire? as f64 / r.payload as f64))
+        .collect();
+    if !wire.is_empty() {
+        let _ = write!(note, "; wire/payload bytes {}", num(median(wire)));
+    }
+    let frame_kib: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some(r.payload as f64 / r.frames?.max(1) as f64 / 1024.0))
+        .collect();
+    if !frame_kib.is_empty() {
+        let _ = write!(note, "; mean stdout frame {} KiB", num(median(frame_kib)));
+    }
+    Figure::from_samples(key, name, "MB/s", &mbps)
         .target(Target::at_least(1000.0))
-        .note(note),
-    );
-    if !ctx.args.skip_cli {
-        let mut cli = Vec::new();
-        for _ in 0..ctx.args.throughput_runs {
-            let t0 = Instant::now();
-            let status = tokio::process::Command::new(&ctx.args.berth)
-                .args(["exec", "--session", &id, "--", "head", "-c"])
-                .arg(bytes.to_string())
-                .arg("/dev/zero")
-                .env("BERTH_URL", &ctx.url)
-                .env("BERTH_TOKEN", &ctx.token)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .status()
-                .await
-                .context("cannot run berth exec")?;
-            let wall = t0.elapsed();
-            if !status.success() {
-                bail!("berth exec … head -c {bytes} /dev/zero failed: {status}");
-            }
-            cli.push(bytes as f64 / wall.as_secs_f64() / 1e6);
+        .note(note)
+}
+
+/// Benchmark 4: Output throughput of `head -c N /dev/zero` three ways: NDJSON with
+/// base64 decoded by the client, binary frames through `run_command_raw`, and
+/// `berth exec > /dev/null` (which uses frames). The paths take turns run by run, so
+/// drifting machine load hits them alike.
+async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
+    let bytes = ctx.args.throughput_bytes;
+    let id = ctx.session("tput");
+    timed(ctx, &id, &argv(&["true"])).await?;
+    ctx.observe_cgroup(&id);
+    let (mut ndjson, mut frames, mut cli) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ctx.args.throughput_runs {
+        eprintln!("berth-bench: throughput run {}", i + 1);
+        ndjson.push(stream_ndjson_once(ctx, &id, bytes).await?);
+        frames.push(stream_frames_once(ctx, &id, bytes).await?);
+        if !ctx.args.skip_cli {
+            cli.push(stream_cli_once(ctx, &id, bytes).await?);
         }
-        figures.push(
-            Figure::from_samples(
-                "throughput.cli_mb_s",
-                "output throughput, `berth exec > /dev/null`",
-                "MB/s",
-                &cli,
-            )
-            .note("reference; wall time of the whole `berth exec` process"),
-        );
+    }
+    let what = format!("`head -c {bytes} /dev/zero`, MB = 10^6 B");
+    figures.push(
+        throughput_figure(
+            "throughput.api_mb_s",
+            "output throughput, API NDJSON + base64 (decoded)",
+            "HTTP + JSON parse + base64 decode",
+            &ndjson,
+        )
+        .note_prefix(&what),
+    );
+    figures.push(throughput_figure(
+        "throughput.frames_mb_s",
+        "output throughput, API binary frames (`run_command_raw`)",
+        "HTTP + frame split",
+        &frames,
+    ));
+    if !cli.is_empty() {
+        figures.push(throughput_figure(
+            "throughput.cli_mb_s",
+            "output throughput, `berth exec > /dev/null` (frames)",
+            "the `berth exec` process",
+            &cli,
+        ));
     }
     ctx.delete(&id).await?;
     Ok(())
@@ -539,6 +765,7 @@ async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -
     let ids: Vec<String> = (0..n).map(|i| ctx.session(&format!("mem-{i}"))).collect();
     for id in &ids {
         timed(ctx, id, &argv(&["true"])).await?;
+        ctx.observe_cgroup(id);
     }
     tokio::time::sleep(Duration::from_secs(ctx.args.memory_settle_s)).await;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -641,7 +868,12 @@ async fn memory(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -
 }
 
 /// Benchmark 6: Many sessions at once, each running `echo hi` several times.
-async fn concurrency(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<String>) -> Result<()> {
+async fn concurrency(
+    ctx: &Ctx,
+    server: &Server,
+    figures: &mut Vec<Figure>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
     let n = ctx.args.concurrent_sessions;
     let k = ctx.args.commands_per_session;
     let ids: Vec<String> = (0..n).map(|i| ctx.session(&format!("conc-{i}"))).collect();
@@ -724,6 +956,25 @@ async fn concurrency(ctx: &Ctx, figures: &mut Vec<Figure>, notes: &mut Vec<Strin
         "ms",
         &warm,
     ));
+    if let Some(id) = ids.first() {
+        ctx.observe_cgroup(id);
+    }
+    let starts = starts_of(server, &ids, 0);
+    let driver: Vec<f64> = starts
+        .iter()
+        .map(|s| ms(s.start.unwrap_or(s.total)))
+        .collect();
+    if let Some(d) = crate::stats::Summary::of(&driver) {
+        notes.push(format!(
+            "concurrency: {} sandbox starts (workspace image: {}); driver `start()` p50 {} ms, \
+             p95 {} ms, max {} ms",
+            starts.len(),
+            workspace_counts(&starts),
+            num(d.p50),
+            num(d.p95),
+            num(d.max)
+        ));
+    }
     if !errors.is_empty() {
         errors.sort();
         errors.dedup();
@@ -760,12 +1011,37 @@ mod tests {
 
     #[test]
     fn ready_lines() {
-        let log = "2025-01-01T00:00:00Z \u{1b}[34mDEBUG\u{1b}[0m berth_sandbox::namespace: sandbox ready session=s1 helper=10.5ms total=20ms\n\
-                   other line\n";
+        let log = "2025-01-01T00:00:00Z \u{1b}[34mDEBUG\u{1b}[0m berth_sandbox::namespace: sandbox ready session=s1 workspace=Spare prepare=0.8ms helper=10.5ms total=20ms start=20.8ms\n\
+                   other line\n\
+                   2025-01-01T00:00:01Z DEBUG berth_sandbox::namespace: sandbox ready session=s1 helper=1ms total=2ms\n";
         let m = sandbox_ready_lines(log);
         assert_eq!(
             m["s1"],
-            vec![(Duration::from_micros(10_500), Duration::from_millis(20))]
+            vec![
+                StartLine {
+                    workspace: Some("Spare".into()),
+                    prepare: Some(Duration::from_micros(800)),
+                    helper: Duration::from_micros(10_500),
+                    total: Duration::from_millis(20),
+                    start: Some(Duration::from_micros(20_800)),
+                },
+                StartLine {
+                    workspace: None,
+                    prepare: None,
+                    helper: Duration::from_millis(1),
+                    total: Duration::from_millis(2),
+                    start: None,
+                }
+            ]
         );
+        assert_eq!(workspace_counts(&m["s1"]), "Spare 1, unlogged 1");
+    }
+
+    #[test]
+    fn zeros() {
+        assert!(all_zero(&[0; 4097]));
+        let mut v = vec![0u8; 4097];
+        v[4000] = 1;
+        assert!(!all_zero(&v));
     }
 }

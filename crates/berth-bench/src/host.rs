@@ -1,5 +1,7 @@
-//! Reading the host: a sandbox's cgroup (named `/berth/<session id>` by
-//! `berth-sandbox`'s `SessionPaths::cgroup`), process memory and CPU time, machine facts.
+//! Reading the host: a sandbox's cgroup (`/berth/<server>/<session id>`, as
+//! `berth-sandbox`'s `SessionPaths::cgroup` names it, where `<server>` is 12 hex digits
+//! derived from the server's run dir; `/berth/<session id>` before that), process memory
+//! and CPU time, machine facts.
 
 use std::fs;
 use std::path::PathBuf;
@@ -12,16 +14,80 @@ fn unified() -> bool {
     PathBuf::from(ROOT).join("cgroup.controllers").exists()
 }
 
-/// The session's cgroup directory in the hierarchy holding `controller` (v1) or in v2.
-fn cgroup_dir(controller: &str, session: &str) -> PathBuf {
+/// `berth/` in the hierarchy holding `controller` (v1) or in v2.
+fn berth_root(controller: &str) -> PathBuf {
     if unified() {
-        PathBuf::from(ROOT).join("berth").join(session)
+        PathBuf::from(ROOT).join("berth")
     } else {
-        PathBuf::from(ROOT)
-            .join(controller)
-            .join("berth")
-            .join(session)
+        PathBuf::from(ROOT).join(controller).join("berth")
     }
+}
+
+/// The session's cgroup directory in the hierarchy holding `controller` (v1) or in v2:
+/// `berth/*/<session>`, or the older `berth/<session>`. Session ids of one bench run
+/// carry its pid, so the first match is ours.
+fn cgroup_dir(controller: &str, session: &str) -> Option<PathBuf> {
+    let root = berth_root(controller);
+    let legacy = root.join(session);
+    if legacy.join("cgroup.procs").exists() {
+        return Some(legacy);
+    }
+    fs::read_dir(&root)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(session))
+        .find(|p| p.join("cgroup.procs").exists())
+}
+
+/// The per-server parent of the session's cgroup (`/berth/<server>`), relative to a
+/// hierarchy root; `None` when the session has no cgroup or uses the older layout.
+pub fn cgroup_parent(session: &str) -> Option<String> {
+    let controller = if unified() { "" } else { "pids" };
+    let dir = cgroup_dir(controller, session)?;
+    let parent = dir.parent()?;
+    if parent == berth_root(controller) {
+        return None;
+    }
+    Some(format!("berth/{}", parent.file_name()?.to_string_lossy()))
+}
+
+/// Directories named `rel` (relative to a hierarchy root) in any hierarchy.
+pub fn cgroup_dirs_named(rel: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::iter::once(PathBuf::from(ROOT).join(rel))
+        .chain(
+            fs::read_dir(ROOT)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join(rel)),
+        )
+        .filter(|p| p.is_dir())
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Cgroup directories whose name starts with `prefix`, at `berth/<name>` or
+/// `berth/*/<name>` in any hierarchy.
+pub fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    for root in cgroup_dirs_named("berth") {
+        for e in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let path = e.path();
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                left.push(path);
+            } else if path.is_dir() {
+                for inner in fs::read_dir(&path).into_iter().flatten().flatten() {
+                    if inner.file_name().to_string_lossy().starts_with(prefix) {
+                        left.push(inner.path());
+                    }
+                }
+            }
+        }
+    }
+    left.sort();
+    left
 }
 
 fn read_u64(path: PathBuf) -> Option<u64> {
@@ -33,8 +99,10 @@ fn read_u64(path: PathBuf) -> Option<u64> {
 pub fn sandbox_pids(session: &str) -> Vec<i32> {
     let mut pids = Vec::new();
     for controller in ["pids", "memory"] {
-        let path = cgroup_dir(controller, session).join("cgroup.procs");
-        if let Ok(text) = fs::read_to_string(path) {
+        let Some(dir) = cgroup_dir(controller, session) else {
+            continue;
+        };
+        if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
             break;
         }
@@ -47,7 +115,7 @@ pub fn sandbox_pids(session: &str) -> Vec<i32> {
 /// CPU time used by the session's cgroup, in nanoseconds.
 pub fn sandbox_cpu_ns(session: &str) -> Option<u64> {
     if unified() {
-        let stat = fs::read_to_string(cgroup_dir("", session).join("cpu.stat")).ok()?;
+        let stat = fs::read_to_string(cgroup_dir("", session)?.join("cpu.stat")).ok()?;
         let us: u64 = stat
             .lines()
             .find_map(|l| l.strip_prefix("usage_usec "))?
@@ -56,7 +124,7 @@ pub fn sandbox_cpu_ns(session: &str) -> Option<u64> {
             .ok()?;
         return Some(us * 1000);
     }
-    read_u64(cgroup_dir("cpuacct", session).join("cpuacct.usage"))
+    read_u64(cgroup_dir("cpuacct", session)?.join("cpuacct.usage"))
 }
 
 /// The cgroup's memory figures, in bytes.
@@ -71,7 +139,7 @@ pub struct CgroupMemory {
 }
 
 pub fn sandbox_memory(session: &str) -> Option<CgroupMemory> {
-    let dir = cgroup_dir("memory", session);
+    let dir = cgroup_dir("memory", session)?;
     let (usage_file, anon_key, cache_key) = if unified() {
         ("memory.current", "anon", "file")
     } else {

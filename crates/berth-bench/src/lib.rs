@@ -42,13 +42,23 @@ pub struct Args {
     /// Measured runs of each latency benchmark (new session, round trip, resume).
     #[arg(long, default_value_t = 50)]
     pub runs: usize,
+    /// Pause before each new-session run, so the driver can refill its spare workspace
+    /// images (0 = back to back, the default).
+    #[arg(long, default_value_t = 0)]
+    pub new_gap_ms: u64,
+    /// Keep each new session running until the new-session benchmark ends instead of
+    /// deleting it before the next run: starts come closer together (and the host fills
+    /// up with idle sandboxes), which tests whether the spare workspace pool keeps up.
+    #[arg(long)]
+    pub new_keep: bool,
     /// Unmeasured runs before each latency benchmark.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     /// Bytes of `head -c N /dev/zero` per throughput run (suffixes K, M, G = powers of 1024).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub throughput_bytes: u64,
-    /// Runs of each throughput benchmark; the median is reported.
+    /// Runs of each throughput path (NDJSON, frames, CLI; interleaved); the median is
+    /// reported.
     #[arg(long, default_value_t = 5)]
     pub throughput_runs: usize,
     /// Idle sandboxes started for the memory figure.
@@ -69,7 +79,7 @@ pub struct Args {
     /// Comma-separated subset of: new, rtt, resume, throughput, memory, concurrency.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Skip the `berth exec … > /dev/null` reference figure.
+    /// Skip the `berth exec … > /dev/null` throughput figure.
     #[arg(long)]
     pub skip_cli: bool,
     /// Also write the results as JSON to this file.
@@ -119,6 +129,9 @@ pub(crate) struct Ctx {
     pub prefix: String,
     /// Sessions made and not yet deleted.
     pub live: Arc<Mutex<BTreeSet<String>>>,
+    /// Per-server cgroup parents (`berth/<server>`) seen holding this run's sandboxes;
+    /// the driver removes each with its last sandbox, so none may outlive the server.
+    pub cgroup_parents: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Ctx {
@@ -128,6 +141,14 @@ impl Ctx {
             live.insert(id.clone());
         }
         id
+    }
+
+    /// Remember the cgroup parent of a running session's sandbox for the leak check.
+    pub fn observe_cgroup(&self, id: &str) {
+        if let (Some(parent), Ok(mut seen)) = (host::cgroup_parent(id), self.cgroup_parents.lock())
+        {
+            seen.insert(parent);
+        }
     }
 
     pub async fn delete(&self, id: &str) -> Result<()> {
@@ -186,11 +207,19 @@ pub fn main_exec(args: Args) -> Result<()> {
     if args.runs == 0 || args.throughput_runs == 0 {
         bail!("--runs and --throughput-runs must be at least 1");
     }
-    if args.max_sandboxes < args.concurrent_sessions.max(args.memory_sandboxes) + 1 {
+    let needed = args
+        .concurrent_sessions
+        .max(args.memory_sandboxes)
+        .max(if args.new_keep {
+            args.runs + args.warmup
+        } else {
+            0
+        })
+        + 1;
+    if args.max_sandboxes < needed {
         bail!(
-            "--max-sandboxes {} is below the sandboxes this run needs ({})",
-            args.max_sandboxes,
-            args.concurrent_sessions.max(args.memory_sandboxes) + 1
+            "--max-sandboxes {} is below the sandboxes this run needs ({needed})",
+            args.max_sandboxes
         );
     }
     if !nix::unistd::geteuid().is_root() {
@@ -221,6 +250,7 @@ async fn run(args: Args) -> Result<()> {
         server_pid: server.pid(),
         prefix: format!("bench{}-", std::process::id()),
         live: Arc::new(Mutex::new(BTreeSet::new())),
+        cgroup_parents: Arc::new(Mutex::new(BTreeSet::new())),
         args: args.clone(),
     };
     let info: serde_json::Value = ctx
@@ -253,7 +283,12 @@ async fn run(args: Args) -> Result<()> {
             ));
         }
     }
-    let leaked = leaked_cgroups(&ctx.prefix);
+    let parents: Vec<String> = ctx
+        .cgroup_parents
+        .lock()
+        .map(|p| p.iter().cloned().collect())
+        .unwrap_or_default();
+    let leaked = leaked_cgroups(&ctx.prefix, &parents);
     if !leaked.is_empty() {
         notes.push(format!("cgroups left after server stop: {leaked:?}"));
     }
@@ -280,22 +315,12 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Cgroup directories of this run's sessions that outlived the server.
-fn leaked_cgroups(prefix: &str) -> Vec<PathBuf> {
-    let mut left = Vec::new();
-    let roots = ["/sys/fs/cgroup/berth".into()].into_iter().chain(
-        std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path().join("berth")),
-    );
-    for root in roots {
-        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
-                left.push(e.path());
-            }
-        }
+/// Cgroup directories of this run's sessions, and the per-server parents that held
+/// them, that outlived the server.
+fn leaked_cgroups(prefix: &str, parents: &[String]) -> Vec<PathBuf> {
+    let mut left = host::cgroups_with_prefix(prefix);
+    for parent in parents {
+        left.extend(host::cgroup_dirs_named(parent));
     }
     left.sort();
     left.dedup();

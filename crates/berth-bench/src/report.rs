@@ -122,6 +122,16 @@ impl Figure {
         self.note = note.into();
         self
     }
+
+    /// Put `prefix` before the note (joined with `; `).
+    pub fn note_prefix(mut self, prefix: &str) -> Self {
+        self.note = if self.note.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}; {}", self.note)
+        };
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
