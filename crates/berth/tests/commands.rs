@@ -243,3 +243,59 @@ async fn a_slow_reader_gets_everything_and_stdin_cwd_env_work() {
         .ok();
     assert_eq!(o.stdout, b"/tmp\nhi there\n\x00\x01binary\xff");
 }
+
+/// Resident memory of a process in KiB (`VmRSS`).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn server_memory_stays_bounded_when_a_client_reads_slowly() {
+    let Some(s) = Server::start("server_memory_stays_bounded_when_a_client_reads_slowly").await
+    else {
+        return;
+    };
+    let session = uniq("stall");
+    s.exec(&session, "true").await.ok();
+    let pid = s.pid().expect("server pid");
+    let before = rss_kib(pid);
+    // An endless fast writer and a client that stops reading after the first event: if
+    // anything between the pipe and the socket buffered without bound, the server's
+    // memory would grow by gigabytes within seconds.
+    let mut stream = s
+        .client
+        .run_command_raw(
+            &session,
+            &CommandRequest {
+                command: Some("cat /dev/zero".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("run");
+    stream.next().await.expect("first event").expect("event");
+    let mut peak = before;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(pid));
+    }
+    // Reading resumes and output keeps flowing: the writer was paused, not broken.
+    let mut got = 0usize;
+    while got < 64 << 20 {
+        match stream.next().await.expect("more output").expect("event") {
+            berth_client::RawEvent::Stdout(b) => got += b.len(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(stream);
+    eprintln!("server RSS {before} KiB before, {peak} KiB peak while stalled");
+    assert!(
+        peak < before + 256 * 1024,
+        "server RSS grew from {before} KiB to {peak} KiB while the client stalled"
+    );
+}
