@@ -8,7 +8,10 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::guest_client::GuestClient;
-use crate::proto::{write_file_input, Empty, WriteFileInput, WriteTarget};
+use crate::proto::{
+    shell_input, write_file_input, Empty, ShellAttachStart, ShellInput, ShellOutput,
+    WriteFileInput, WriteTarget,
+};
 
 /// Largest HTTP/2 frame the guest may send us (a whole output chunk fits in one).
 const MAX_FRAME: u32 = 1 << 20;
@@ -81,4 +84,52 @@ where
                 msg(write_file_input::Kind::End(Empty {}))
             }));
     Ok(guest.write_file(messages).await?.into_inner().bytes)
+}
+
+/// An attachment to a shell (`ShellAttach`): send inputs with the `ShellInput`
+/// constructors below; dropping `output` (the call) detaches.
+pub struct ShellAttachment {
+    pub input: tokio::sync::mpsc::Sender<ShellInput>,
+    pub output: tonic::Streaming<ShellOutput>,
+}
+
+/// Attach to a shell: sends `start` as the first input and waits for the call to be
+/// accepted (a missing shell or a bad offset fails here).
+pub async fn shell_attach(
+    guest: &mut Guest,
+    start: ShellAttachStart,
+) -> Result<ShellAttachment, tonic::Status> {
+    let (input, rx) = tokio::sync::mpsc::channel(16);
+    // The receiver is alive: this cannot fail.
+    let _ = input.try_send(ShellInput {
+        kind: Some(shell_input::Kind::Attach(start)),
+    });
+    let output = guest
+        .shell_attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok(ShellAttachment { input, output })
+}
+
+impl ShellInput {
+    pub fn stdin(data: impl Into<Bytes>) -> ShellInput {
+        ShellInput {
+            kind: Some(shell_input::Kind::Stdin(data.into())),
+        }
+    }
+
+    pub fn resize(width: u32, height: u32) -> ShellInput {
+        ShellInput {
+            kind: Some(shell_input::Kind::Resize(crate::proto::ShellSize {
+                width,
+                height,
+            })),
+        }
+    }
+
+    pub fn heartbeat() -> ShellInput {
+        ShellInput {
+            kind: Some(shell_input::Kind::Heartbeat(Empty {})),
+        }
+    }
 }

@@ -102,33 +102,11 @@ fn command(start: &ExecStart) -> Result<(Command, bool), Status> {
     let Some(argv0) = start.argv.first() else {
         return Err(Status::invalid_argument("argv must not be empty"));
     };
-    let cwd = if start.cwd.is_empty() {
+    let cwd = check_cwd(if start.cwd.is_empty() {
         "/"
     } else {
         start.cwd.as_str()
-    };
-    let cwd = check_path(cwd)?;
-    match std::fs::metadata(cwd) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(Status::invalid_argument(format!(
-                "working directory {} is not a directory",
-                cwd.display()
-            )))
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Status::not_found(format!(
-                "working directory {} does not exist",
-                cwd.display()
-            )))
-        }
-        Err(err) => {
-            return Err(Status::failed_precondition(format!(
-                "working directory {}: {err}",
-                cwd.display()
-            )))
-        }
-    }
+    })?;
     let mut cmd = Command::new(argv0);
     cmd.args(&start.argv[1..])
         .current_dir(cwd)
@@ -142,6 +120,26 @@ fn command(start: &ExecStart) -> Result<(Command, bool), Status> {
         .stderr(Stdio::piped());
     sys::new_session(&mut cmd);
     Ok((cmd, start.stdin))
+}
+
+/// A working directory must be absolute, without `..`, and an existing directory.
+pub(crate) fn check_cwd(cwd: &str) -> Result<&std::path::Path, Status> {
+    let cwd = check_path(cwd)?;
+    match std::fs::metadata(cwd) {
+        Ok(meta) if meta.is_dir() => Ok(cwd),
+        Ok(_) => Err(Status::invalid_argument(format!(
+            "working directory {} is not a directory",
+            cwd.display()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Status::not_found(format!(
+            "working directory {} does not exist",
+            cwd.display()
+        ))),
+        Err(err) => Err(Status::failed_precondition(format!(
+            "working directory {}: {err}",
+            cwd.display()
+        ))),
+    }
 }
 
 struct Pipes {

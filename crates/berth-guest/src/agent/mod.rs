@@ -7,7 +7,11 @@
 mod exec;
 mod files;
 mod reaper;
+mod recording;
+mod shell;
 mod sys;
+
+pub use shell::{CLIENT_QUEUE, RING};
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -27,7 +31,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::proto::guest_server::{Guest, GuestServer};
 use crate::proto::{
     Empty, ExecInput, FileInfo, HealthResponse, ListDirResponse, PathRequest, ReadFileRequest,
-    WriteFileInput, WriteFileResponse,
+    ShellInfo, ShellInput, ShellKillRequest, ShellListResponse, ShellOpenRequest,
+    ShellRecordingRequest, WriteFileInput, WriteFileResponse,
 };
 use reaper::Reaper;
 
@@ -41,11 +46,22 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// How long `Shutdown` waits after replying before the process exits.
 const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
 
-const USAGE: &str = "usage: berth guest --listen <socket path>";
+const USAGE: &str = "usage: berth guest --listen <socket path> [--log-dir <dir>]";
+/// Where shell recordings go unless `--log-dir` says otherwise.
+const DEFAULT_LOG_DIR: &str = "/run/berth/log";
 
-/// `berth guest --listen SOCKET`.
+/// What `berth guest` is told on its command line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Options {
+    /// The unix socket to serve on.
+    pub listen: PathBuf,
+    /// Directory for shell recordings (created if missing).
+    pub log_dir: PathBuf,
+}
+
+/// `berth guest --listen SOCKET [--log-dir DIR]`.
 pub fn cli_main(args: Vec<OsString>) -> anyhow::Result<()> {
-    let listen = parse_args(args)?;
+    let options = parse_args(args)?;
     init_tracing();
     // One thread: the agent's work is I/O multiplexing, a single thread measured as fast
     // as a multi-threaded runtime on the bulk-output path and saves cross-thread wakeups
@@ -54,31 +70,60 @@ pub fn cli_main(args: Vec<OsString>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run(&listen));
+    let result = runtime.block_on(run(&options));
     // Blocking file tasks may still be parked on a host that went away; do not wait.
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
 }
 
-fn parse_args(args: Vec<OsString>) -> anyhow::Result<PathBuf> {
+fn parse_args(args: Vec<OsString>) -> anyhow::Result<Options> {
     let mut listen = None;
+    let mut log_dir = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let arg_str = arg.to_string_lossy();
-        if arg_str == "--listen" {
-            let path = args
-                .next()
-                .with_context(|| format!("--listen needs a value\n{USAGE}"))?;
-            listen = Some(PathBuf::from(path));
-        } else if let Some(path) = arg_str.strip_prefix("--listen=") {
-            listen = Some(PathBuf::from(path));
-        } else if arg_str == "--help" || arg_str == "-h" {
-            anyhow::bail!("{USAGE}");
-        } else {
-            anyhow::bail!("unexpected argument {arg_str:?}\n{USAGE}");
+        let (slot, value) = match arg_str.split_once('=') {
+            Some(("--listen", value)) => (&mut listen, Some(PathBuf::from(value))),
+            Some(("--log-dir", value)) => (&mut log_dir, Some(PathBuf::from(value))),
+            _ if arg_str == "--listen" => (&mut listen, None),
+            _ if arg_str == "--log-dir" => (&mut log_dir, None),
+            _ if arg_str == "--help" || arg_str == "-h" => anyhow::bail!("{USAGE}"),
+            _ => anyhow::bail!("unexpected argument {arg_str:?}\n{USAGE}"),
+        };
+        let value = match value {
+            Some(value) => value,
+            None => PathBuf::from(
+                args.next()
+                    .with_context(|| format!("{arg_str} needs a value\n{USAGE}"))?,
+            ),
+        };
+        *slot = Some(value);
+    }
+    Ok(Options {
+        listen: listen.with_context(|| format!("--listen is required\n{USAGE}"))?,
+        log_dir: log_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_LOG_DIR)),
+    })
+}
+
+/// Create the recordings directory (owner-only: recordings hold whatever was typed).
+/// Without it shells still work, unrecorded.
+fn prepare_log_dir(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir);
+    match made {
+        Ok(()) if dir.is_absolute() => Some(dir.to_path_buf()),
+        Ok(()) => {
+            tracing::warn!(dir = %dir.display(), "log dir is not absolute; shells are not recorded");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(dir = %dir.display(), "cannot create the log dir, shells are not recorded: {err}");
+            None
         }
     }
-    listen.with_context(|| format!("--listen is required\n{USAGE}"))
 }
 
 fn init_tracing() {
@@ -94,7 +139,8 @@ fn init_tracing() {
 
 /// Prepare the process (network, capabilities, reaping) and serve until `Shutdown` or
 /// SIGTERM.
-pub async fn run(listen: &Path) -> anyhow::Result<()> {
+pub async fn run(options: &Options) -> anyhow::Result<()> {
+    let listen = options.listen.as_path();
     let pid = std::process::id();
     setup_process(pid == 1);
     let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
@@ -104,6 +150,7 @@ pub async fn run(listen: &Path) -> anyhow::Result<()> {
     let agent = Arc::new(Agent {
         reaper,
         groups: Mutex::new(HashSet::new()),
+        shells: shell::Shells::new(prepare_log_dir(&options.log_dir)),
         shutdown: Notify::new(),
     });
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -213,6 +260,7 @@ pub(crate) struct Agent {
     reaper: Arc<Reaper>,
     /// Process groups of every command started and maybe still alive (daemons included).
     groups: Mutex<HashSet<i32>>,
+    shells: shell::Shells,
     shutdown: Notify,
 }
 
@@ -263,6 +311,8 @@ struct Service(Arc<Agent>);
 impl Guest for Service {
     type ExecStream = exec::OutputStream;
     type ReadFileStream = files::ChunkStream;
+    type ShellAttachStream = shell::OutputStream;
+    type ShellRecordingStream = files::ChunkStream;
 
     async fn exec(&self, request: Request<Streaming<ExecInput>>) -> GuestResult<Self::ExecStream> {
         exec::exec(self.0.clone(), request.into_inner())
@@ -314,6 +364,43 @@ impl Guest for Service {
         });
         Ok(Response::new(Empty {}))
     }
+
+    async fn shell_open(&self, request: Request<ShellOpenRequest>) -> GuestResult<ShellInfo> {
+        let shell = shell::open(&self.0, request.into_inner())?;
+        Ok(Response::new(shell.info()))
+    }
+
+    async fn shell_attach(
+        &self,
+        request: Request<Streaming<ShellInput>>,
+    ) -> GuestResult<Self::ShellAttachStream> {
+        shell::attach(self.0.clone(), request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn shell_list(&self, _: Request<Empty>) -> GuestResult<ShellListResponse> {
+        Ok(Response::new(ShellListResponse {
+            shells: self.0.shells.list(),
+        }))
+    }
+
+    async fn shell_kill(&self, request: Request<ShellKillRequest>) -> GuestResult<ShellInfo> {
+        let req = request.into_inner();
+        shell::kill(&self.0, &req.shell_id, req.signal)
+            .await
+            .map(Response::new)
+    }
+
+    async fn shell_recording(
+        &self,
+        request: Request<ShellRecordingRequest>,
+    ) -> GuestResult<Self::ShellRecordingStream> {
+        let path = self.0.shells.recording(&request.into_inner().shell_id)?;
+        files::read_file(path.to_string_lossy().into_owned(), false)
+            .await
+            .map(Response::new)
+    }
 }
 
 #[cfg(test)]
@@ -334,18 +421,27 @@ mod tests {
     }
 
     #[test]
-    fn parses_listen() {
+    fn parses_listen_and_log_dir() {
         let parse = |args: &[&str]| parse_args(args.iter().map(OsString::from).collect());
+        let opts = |listen: &str, log_dir: &str| Options {
+            listen: PathBuf::from(listen),
+            log_dir: PathBuf::from(log_dir),
+        };
         assert_eq!(
             parse(&["--listen", "/run/g.sock"]).unwrap(),
-            PathBuf::from("/run/g.sock")
+            opts("/run/g.sock", DEFAULT_LOG_DIR)
         );
         assert_eq!(
-            parse(&["--listen=/run/g.sock"]).unwrap(),
-            PathBuf::from("/run/g.sock")
+            parse(&["--listen=/run/g.sock", "--log-dir", "/tmp/l"]).unwrap(),
+            opts("/run/g.sock", "/tmp/l")
+        );
+        assert_eq!(
+            parse(&["--log-dir=/tmp/l", "--listen", "/g"]).unwrap(),
+            opts("/g", "/tmp/l")
         );
         assert!(parse(&[]).is_err());
         assert!(parse(&["--listen"]).is_err());
+        assert!(parse(&["--listen", "/g", "--log-dir"]).is_err());
         assert!(parse(&["--bogus"]).is_err());
     }
 }

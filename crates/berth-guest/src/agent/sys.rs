@@ -65,3 +65,48 @@ pub(crate) fn new_session(cmd: &mut Command) {
         });
     }
 }
+
+/// Start the child as the leader of a new session whose controlling terminal is its
+/// stdin (the PTY slave): the line discipline then turns ^C into SIGINT for the
+/// foreground process group, and closing the master hangs the session up.
+pub(crate) fn pty_session(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
+    // and ioctl(2) on fd 0, both async-signal-safe; it touches no memory shared with the
+    // parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Set a terminal's window size (TIOCSWINSZ); the kernel sends SIGWINCH to its
+/// foreground process group.
+pub(crate) fn set_window_size(fd: &impl AsRawFd, width: u16, height: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: height,
+        ws_col: width,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `fd` is an open file descriptor and `size` a valid `winsize` that lives
+    // across the call; TIOCSWINSZ only reads it.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Hand a PTY master (already non-blocking) to tokio's reactor.
+pub(crate) fn async_pty(
+    master: nix::pty::PtyMaster,
+) -> io::Result<tokio::io::unix::AsyncFd<nix::pty::PtyMaster>> {
+    // SAFETY: `PtyMaster` owns its descriptor, closes it only when dropped and always
+    // returns the same one from `as_raw_fd`, so the fd stays open and unchanged for as
+    // long as the `AsyncFd` that owns the `PtyMaster` lives.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(master) }?)
+}
