@@ -534,7 +534,8 @@ async fn reconnect_with_an_offset_loses_and_duplicates_nothing() {
         );
     }
 
-    // An offset from the future is an error; one older than the ring gets a snapshot.
+    // An offset from the future is an error (one older than the ring gets a snapshot:
+    // see the slow-client test).
     let err = shell_attach(
         &mut guest,
         ShellAttachStart {
