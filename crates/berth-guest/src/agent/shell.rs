@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
-use super::exec::{check_cwd, CHUNK};
+use super::exec::check_cwd;
 use super::reaper::ExitStatus;
 use super::recording::Recording;
 use super::{sys, Agent};
@@ -42,6 +42,9 @@ use crate::proto::{
     ShellInput, ShellNotice, ShellOpenRequest, ShellOutput,
 };
 
+/// Largest PTY read, and largest replayed chunk. (A PTY hands out at most a few KiB per
+/// read; this only bounds the buffer.)
+const CHUNK: usize = 64 * 1024;
 /// Raw output kept per shell for reconnects with an offset.
 pub const RING: usize = 256 * 1024;
 /// Output bytes queued for one client before it is dropped as too slow. The HTTP/2
