@@ -226,7 +226,7 @@ impl Core {
             .into_inner();
 
         let command_id = new_command_id();
-        let (signal_tx, mut signal_rx) = mpsc::channel::<i32>(4);
+        let (signal_tx, signal_rx) = mpsc::channel::<i32>(4);
         #[allow(clippy::unwrap_used)]
         slot.commands
             .lock()
@@ -236,58 +236,34 @@ impl Core {
             slot: slot.clone(),
             id: command_id.clone(),
         };
-        let session = session_id.to_string();
-        let began = Instant::now();
-
-        let stream = async_stream(move |yield_tx| async move {
-            let _busy = busy;
-            let _route = route;
-            let mut outputs = outputs;
-            let input_tx = input_tx;
-            let started = ExecEvent::Started {
+        // Polled directly by the HTTP body: no task or channel hop per output chunk.
+        // Dropping the stream (the client went away) drops the guest call, and the guest
+        // then kills the process group — even while the command is silent.
+        let state = CommandState {
+            outputs,
+            input_tx,
+            signal_rx,
+            session: session_id.to_string(),
+            began: Instant::now(),
+            pending: Some(ExecEvent::Started {
                 command_id,
-                session_id: session.clone(),
-            };
-            if yield_tx.send(started).await.is_err() {
-                return;
+                session_id: session_id.to_string(),
+            }),
+            done: false,
+            _busy: busy,
+            _route: route,
+        };
+        let stream: CommandStream = Box::pin(futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
             }
-            loop {
-                let msg = tokio::select! {
-                    // The client went away: dropping the guest call cancels it, and the
-                    // guest kills the process group. Without this arm a silent command
-                    // would outlive its client.
-                    () = yield_tx.closed() => return,
-                    msg = outputs.message() => msg,
-                    Some(sig) = signal_rx.recv() => {
-                        let _ = input_tx.send(ExecInput { kind: Some(exec_input::Kind::Signal(sig)) }).await;
-                        continue;
-                    }
-                };
-                let event = match msg {
-                    Ok(Some(out)) => match out.kind {
-                        Some(exec_output::Kind::Stdout(b)) => ExecEvent::Stdout(b),
-                        Some(exec_output::Kind::Stderr(b)) => ExecEvent::Stderr(b),
-                        Some(exec_output::Kind::Exited(x)) => ExecEvent::Exit {
-                            code: x.code,
-                            signal: x.signal,
-                            timed_out: x.timed_out,
-                            duration_ms: u64::try_from(began.elapsed().as_millis())
-                                .unwrap_or(u64::MAX),
-                        },
-                        Some(exec_output::Kind::Started(_)) | None => continue,
-                    },
-                    Ok(None) => ExecEvent::Error(berth_api::ApiError::new(
-                        berth_api::ErrorCode::Unavailable,
-                        "the sandbox ended before the command reported its exit",
-                    )),
-                    Err(status) => ExecEvent::Error((&CoreError::guest(&session, status)).into()),
-                };
-                let last = matches!(event, ExecEvent::Exit { .. } | ExecEvent::Error(_));
-                if yield_tx.send(event).await.is_err() || last {
-                    return;
-                }
+            if let Some(ev) = st.pending.take() {
+                return Some((ev, st));
             }
-        });
+            let event = st.next_event().await;
+            st.done = matches!(event, ExecEvent::Exit { .. } | ExecEvent::Error(_));
+            Some((event, st))
+        }));
         Ok(stream)
     }
 
@@ -325,16 +301,52 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// A stream fed by a task through a small channel (4 events): the task waits whenever the
-/// consumer is slow, so backpressure reaches the guest (and the process's pipe).
-fn async_stream<F, Fut>(body: F) -> CommandStream
-where
-    F: FnOnce(mpsc::Sender<ExecEvent>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(body(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+/// What a running command's event stream holds between events.
+struct CommandState {
+    outputs: tonic::Streaming<berth_guest::proto::ExecOutput>,
+    input_tx: mpsc::Sender<ExecInput>,
+    signal_rx: mpsc::Receiver<i32>,
+    session: String,
+    began: Instant,
+    /// An event to yield before reading the guest again (`started`).
+    pending: Option<ExecEvent>,
+    done: bool,
+    _busy: BusyGuard,
+    _route: CommandRoute,
+}
+
+impl CommandState {
+    /// The next event from the guest, forwarding signals meanwhile.
+    async fn next_event(&mut self) -> ExecEvent {
+        loop {
+            let msg = tokio::select! {
+                msg = self.outputs.message() => msg,
+                Some(sig) = self.signal_rx.recv() => {
+                    let _ = self.input_tx.send(ExecInput { kind: Some(exec_input::Kind::Signal(sig)) }).await;
+                    continue;
+                }
+            };
+            return match msg {
+                Ok(Some(out)) => match out.kind {
+                    Some(exec_output::Kind::Stdout(b)) => ExecEvent::Stdout(b),
+                    Some(exec_output::Kind::Stderr(b)) => ExecEvent::Stderr(b),
+                    Some(exec_output::Kind::Exited(x)) => ExecEvent::Exit {
+                        code: x.code,
+                        signal: x.signal,
+                        timed_out: x.timed_out,
+                        duration_ms: u64::try_from(self.began.elapsed().as_millis())
+                            .unwrap_or(u64::MAX),
+                    },
+                    Some(exec_output::Kind::Started(_)) | None => continue,
+                },
+                Ok(None) => ExecEvent::Error(berth_api::ApiError::new(
+                    berth_api::ErrorCode::Unavailable,
+                    "the sandbox ended before the command reported its exit",
+                )),
+                Err(status) => ExecEvent::Error((&CoreError::guest(&self.session, status)).into()),
+            };
+        }
+    }
 }
 
 #[cfg(test)]
