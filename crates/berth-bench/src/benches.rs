@@ -544,6 +544,19 @@ fn head_zero(bytes: u64) -> CommandRequest {
     argv(&["head", "-c", &bytes.to_string(), "/dev/zero"])
 }
 
+/// The same bytes from a producer that writes 1 MiB at a time: `head` writes 4 KiB per
+/// call, so this separates Berth's transport from the producer's own syscall cost.
+fn dd_zero(bytes: u64) -> CommandRequest {
+    let count = bytes.div_ceil(1 << 20).to_string();
+    argv(&[
+        "dd",
+        "if=/dev/zero",
+        "bs=1M",
+        &format!("count={count}"),
+        "status=none",
+    ])
+}
+
 /// Stream `head -c N /dev/zero` over the API as NDJSON: split lines, parse each event
 /// and decode its base64, as a client of the default encoding must.
 async fn stream_ndjson_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
@@ -608,8 +621,12 @@ async fn stream_ndjson_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
 
 /// Stream `head -c N /dev/zero` as binary frames through `Client::run_command_raw`,
 /// counting (and checking) the raw payload bytes.
-async fn stream_frames_once(ctx: &Ctx, id: &str, bytes: u64) -> Result<Stream> {
-    let req = head_zero(bytes);
+async fn stream_frames_once(
+    ctx: &Ctx,
+    id: &str,
+    req: CommandRequest,
+    bytes: u64,
+) -> Result<Stream> {
     let before = Cpu::now(ctx, id);
     let t0 = Instant::now();
     let mut events = ctx
@@ -721,11 +738,14 @@ async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
     let id = ctx.session("tput");
     timed(ctx, &id, &argv(&["true"])).await?;
     ctx.observe_cgroup(&id);
-    let (mut ndjson, mut frames, mut cli) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ndjson, mut frames, mut frames_dd, mut cli) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..ctx.args.throughput_runs {
         eprintln!("berth-bench: throughput run {}", i + 1);
         ndjson.push(stream_ndjson_once(ctx, &id, bytes).await?);
-        frames.push(stream_frames_once(ctx, &id, bytes).await?);
+        frames.push(stream_frames_once(ctx, &id, head_zero(bytes), bytes).await?);
+        let dd_bytes = bytes.div_ceil(1 << 20) << 20;
+        frames_dd.push(stream_frames_once(ctx, &id, dd_zero(bytes), dd_bytes).await?);
         if !ctx.args.skip_cli {
             cli.push(stream_cli_once(ctx, &id, bytes).await?);
         }
@@ -745,6 +765,12 @@ async fn throughput(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
         "output throughput, API binary frames (`run_command_raw`)",
         "HTTP + frame split",
         &frames,
+    ));
+    figures.push(throughput_figure(
+        "throughput.frames_dd_mb_s",
+        "output throughput, API binary frames, `dd bs=1M` producer",
+        "HTTP + frame split",
+        &frames_dd,
     ));
     if !cli.is_empty() {
         figures.push(throughput_figure(
