@@ -9,12 +9,14 @@ pub mod error;
 pub mod frames;
 pub mod runtime;
 pub mod session;
+pub mod shell;
 pub mod validate;
 
 pub use command::{CommandEvent, CommandRequest, SignalRequest};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use runtime::{Isolation, Mount, Runtime, RuntimeSpec};
 pub use session::{CreateSession, Session, SessionState, SessionUsage};
+pub use shell::{OpenShell, ShellInfo, ShellStatus};
 
 /// Name of the runtime that exists on every fresh server.
 pub const DEFAULT_RUNTIME: &str = "default";

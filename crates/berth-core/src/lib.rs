@@ -9,6 +9,7 @@ mod files;
 mod lifecycle;
 mod runtimes;
 mod sessions;
+mod shells;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,9 @@ pub use driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
 pub use error::CoreError;
 pub use files::{FileInfo, ReadStream};
 pub use sessions::Core;
+pub use shells::{
+    NoticeKind, ShellAttached, ShellAttachment, ShellEvent, ShellEvents, ShellInputs,
+};
 
 /// Server-wide knobs the core needs.
 #[derive(Debug, Clone)]
@@ -27,6 +31,8 @@ pub struct CoreConfig {
     pub retention: Duration,
     /// How often idle/lifetime/liveness checks run.
     pub tick: Duration,
+    /// Most running shells per session (passed to the guest); more → `ResourceExhausted`.
+    pub max_shells: usize,
 }
 
 impl Default for CoreConfig {
@@ -35,6 +41,7 @@ impl Default for CoreConfig {
             max_sandboxes: 64,
             retention: Duration::from_secs(14 * 24 * 3600),
             tick: Duration::from_millis(500),
+            max_shells: 10,
         }
     }
 }

@@ -8,6 +8,7 @@ mod error;
 mod extract;
 mod openapi;
 mod routes;
+mod shells;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes;
+use crate::{routes, shells};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,8 +13,9 @@ use crate::routes;
         routes::create_session, routes::list_sessions, routes::get_session, routes::stop_session, routes::delete_session,
         routes::run_command, routes::signal_command,
         routes::read_file, routes::write_file,
+        shells::open_shell, shells::list_shells, shells::kill_shell, shells::shell_recording, shells::attach_shell,
     ),
-    components(schemas(berth_api::ErrorBody, berth_api::ApiError, berth_api::ErrorCode, berth_api::CommandEvent)),
+    components(schemas(berth_api::ErrorBody, berth_api::ApiError, berth_api::ErrorCode, berth_api::CommandEvent, berth_api::ShellStatus, berth_api::shell::ResizeMessage)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

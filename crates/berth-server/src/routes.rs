@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{auth, openapi, AppError, AppState, MAX_JSON_BODY};
+use crate::{auth, openapi, shells, AppError, AppState, MAX_JSON_BODY};
 
 /// Uploads stream to the sandbox, so their limit only guards against runaway clients;
 /// the workspace quota is the real bound.
@@ -42,6 +42,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/sessions/{id}/commands/{command_id}/signal",
             post(signal_command),
+        )
+        .route(
+            "/v1/sessions/{id}/shells",
+            post(shells::open_shell).get(shells::list_shells),
+        )
+        .route(
+            "/v1/sessions/{id}/shells/{shell}",
+            axum::routing::delete(shells::kill_shell),
+        )
+        .route(
+            "/v1/sessions/{id}/shells/{shell}/recording",
+            get(shells::shell_recording),
+        )
+        .route(
+            "/v1/sessions/{id}/shells/{shell}/attach",
+            get(shells::attach_shell),
         )
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(files)
