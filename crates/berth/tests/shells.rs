@@ -681,3 +681,61 @@ async fn an_attached_client_keeps_the_session_from_idling_out() {
     // Shells end with the sandbox.
     assert!(list(&s, &session).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from() {
+    let Some(s) =
+        Server::start("a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from")
+            .await
+    else {
+        return;
+    };
+    let session = uniq("sh-slow");
+    open_ok(&s, &session, json!({"shell_id": "flood"})).await;
+    let mut t = attach(&s, &session, "flood", "").await;
+    t.type_("yes | head -c 40000000; echo FLOOD$((2*5))\r")
+        .await;
+    // Read nothing until the guest has dropped this client (it no longer counts).
+    common::poll(
+        "the guest to drop the client that does not read",
+        || async {
+            let shells = list(&s, &session).await;
+            let f = shells
+                .iter()
+                .find(|i| i.shell_id == "flood")
+                .expect("flood");
+            (f.clients == 0).then_some(())
+        },
+    )
+    .await;
+    // Everything queued before the drop arrives, then TooSlow with the offset, then close.
+    t.until("the close after TooSlow", |t| t.closed.is_some())
+        .await;
+    let st = t.statuses.last().expect("TooSlow status").clone();
+    assert_eq!(st["status"], "Failure", "{st}");
+    assert_eq!(st["reason"], "TooSlow", "{st}");
+    assert_eq!(
+        st["metadata"]["offset"].as_u64(),
+        Some(t.position()),
+        "{st}"
+    );
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&t.position().to_string()),
+        "{st}"
+    );
+    assert_eq!(t.closed, Some(1013));
+    // Reattaching with that offset works (a snapshot if it left the ring buffer) and
+    // the shell is still there.
+    let pos = t.position();
+    drop(t);
+    let mut t = attach(&s, &session, "flood", &format!("offset={pos}")).await;
+    assert_eq!(t.first["metadata"]["reconnected"], true);
+    // (The flood may have ended already, its end then being in the snapshot.)
+    t.until("the end of the flood", |t| {
+        String::from_utf8_lossy(&t.out).contains("FLOOD10")
+    })
+    .await;
+}
