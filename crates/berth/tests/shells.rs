@@ -739,3 +739,42 @@ async fn a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from()
     })
     .await;
 }
+
+#[tokio::test]
+async fn stopping_the_session_ends_its_shells_and_closes_attached_clients() {
+    let Some(s) =
+        Server::start("stopping_the_session_ends_its_shells_and_closes_attached_clients").await
+    else {
+        return;
+    };
+    let session = uniq("sh-stop");
+    open_ok(&s, &session, json!({"shell_id": "main"})).await;
+    let mut t = attach(&s, &session, "main", "").await;
+    s.client
+        .stop_session(&session)
+        .await
+        .expect("stop the session");
+    t.until("the close after the session stopped", |t| {
+        t.closed.is_some()
+    })
+    .await;
+    let st = t.statuses.last().expect("a final status");
+    assert_eq!(st["status"], "Failure", "{st}");
+    assert!(list(&s, &session).await.is_empty());
+    let (code, _) = error_of(
+        s.http(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{session}/shells/main/attach"),
+        )
+        .send()
+        .await
+        .expect("GET"),
+    )
+    .await;
+    assert_eq!(code, 404);
+    // A new shell resumes the session.
+    open_ok(&s, &session, json!({"shell_id": "main"})).await;
+    let mut t = attach(&s, &session, "main", "").await;
+    t.type_("echo back$((1+1))\r").await;
+    t.until_output("back2").await;
+}
