@@ -211,6 +211,78 @@ impl Client {
         .map(drop)
     }
 
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Create a shell (`body`: `shell_id`, `command`, `width`, `height`); returns its
+    /// `ShellInfo` as JSON.
+    pub async fn create_shell(
+        &self,
+        session: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.json(
+            self.req(
+                Method::POST,
+                &format!("/v1/sessions/{}/shells", enc(session)),
+            )
+            .json(body),
+        )
+        .await
+    }
+
+    pub async fn list_shells(&self, session: &str) -> Result<serde_json::Value, ClientError> {
+        self.json(self.req(
+            Method::GET,
+            &format!("/v1/sessions/{}/shells", enc(session)),
+        ))
+        .await
+    }
+
+    pub async fn kill_shell(&self, session: &str, shell: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/sessions/{}/shells/{}", enc(session), enc(shell));
+        self.send(self.req(Method::DELETE, &path)).await.map(drop)
+    }
+
+    /// The shell's asciicast v2 recording.
+    pub async fn shell_recording(
+        &self,
+        session: &str,
+        shell: &str,
+    ) -> Result<ByteStream, ClientError> {
+        let path = format!(
+            "/v1/sessions/{}/shells/{}/recording",
+            enc(session),
+            enc(shell)
+        );
+        let resp = self.send(self.req(Method::GET, &path)).await?;
+        Ok(Box::pin(
+            resp.bytes_stream()
+                .map(|r| r.map_err(ClientError::Transport)),
+        ))
+    }
+
+    /// The `ws://` URL that attaches to a shell (see the shells API).
+    pub fn shell_attach_url(&self, session: &str, shell: &str, query: &[(&str, String)]) -> String {
+        let base = self
+            .base
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1);
+        let mut url = format!(
+            "{base}/v1/sessions/{}/shells/{}/attach",
+            enc(session),
+            enc(shell)
+        );
+        for (i, (k, v)) in query.iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&enc(v));
+        }
+        url
+    }
+
     /// Stream a file (or, with `tar`, a tar archive of a file or directory).
     pub async fn read_file(
         &self,

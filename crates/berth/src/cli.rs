@@ -56,6 +56,33 @@ pub enum Command {
     /// Create, list, show, stop and delete sessions.
     #[command(subcommand)]
     Session(SessionCmd),
+    /// List, kill and fetch recordings of a session's interactive shells.
+    #[command(subcommand)]
+    Shell(ShellCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShellCmd {
+    /// List the session's shells.
+    List {
+        session: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Kill a shell.
+    Kill {
+        session: String,
+        shell: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a shell's asciicast v2 recording (play it with `asciinema play`).
+    Record {
+        session: String,
+        shell: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +102,9 @@ pub struct ServerArgs {
     /// First host uid/gid of the ranges that sandbox users map to.
     #[arg(long, default_value_t = 1_000_000)]
     pub uid_base: u32,
+    /// Most interactive shells per session; more get HTTP 429.
+    #[arg(long, default_value_t = 10)]
+    pub max_shells: usize,
     /// Print what this host supports and exit.
     #[arg(long)]
     pub info: bool,
@@ -98,12 +128,27 @@ pub struct ExecArgs {
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<u64>,
     /// Read standard input to the end and pass it to the command.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', conflicts_with = "it")]
     pub stdin: bool,
+    /// Interactive shell: attach this terminal to a shell in the session (created if
+    /// needed; CMD, if given, is the shell's program). Survives dropped connections;
+    /// detach with the detach keys and reattach later by shell id.
+    #[arg(long = "it", alias = "interactive-tty")]
+    pub it: bool,
+    /// With --it: the shell to attach to or create (generated when omitted).
+    #[arg(long, requires = "it")]
+    pub shell_id: Option<String>,
+    /// With --it: attach read-only, watching someone else's shell.
+    #[arg(long, requires = "it")]
+    pub watch: bool,
+    /// With --it: keys that detach and leave the shell running, comma-separated
+    /// (`ctrl-X` or a single character).
+    #[arg(long, default_value = "ctrl-],d", requires = "it")]
+    pub detach_keys: String,
     #[command(flatten)]
     pub remote: Remote,
     /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required_unless_present = "it", value_name = "CMD")]
     pub argv: Vec<String>,
 }
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod terminal;
 mod units;
 
 use std::process::ExitCode;

@@ -66,10 +66,12 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         };
         match event.map_err(explain)? {
             RawEvent::Stdout(bytes) => {
-                write_fd(&std::io::stdout(), &bytes).context("cannot write standard output")?;
+                crate::terminal::write_fd(&std::io::stdout(), &bytes)
+                    .context("cannot write standard output")?;
             }
             RawEvent::Stderr(bytes) => {
-                write_fd(&std::io::stderr(), &bytes).context("cannot write standard error")?;
+                crate::terminal::write_fd(&std::io::stderr(), &bytes)
+                    .context("cannot write standard error")?;
             }
             RawEvent::Event(CommandEvent::Started { command_id: id, .. }) => command_id = Some(id),
             RawEvent::Event(CommandEvent::Exit {
@@ -96,18 +98,4 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
             RawEvent::Event(CommandEvent::Stdout { .. } | CommandEvent::Stderr { .. }) => {}
         }
     }
-}
-
-/// Write straight to the file descriptor: no line buffering to scan binary output for
-/// newlines, no hop through tokio's blocking pool per chunk. Blocking here is what a
-/// terminal or pipe reader expects of a CLI anyway (it is the backpressure).
-fn write_fd(fd: &impl std::os::fd::AsFd, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match nix::unistd::write(fd, buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }

@@ -4,6 +4,7 @@ mod admin;
 mod cp;
 mod exec;
 mod server;
+mod shell;
 
 use std::process::ExitCode;
 
@@ -24,10 +25,12 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Exec(args) if args.it => shell::interactive(args).await,
             Command::Exec(args) => exec::run(args).await,
             Command::Cp(args) => cp::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Runtime(cmd) => admin::runtime(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Session(cmd) => admin::session(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Shell(cmd) => shell::command(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Background tasks (e.g. a reader blocked on stdin) must not keep the process alive.

@@ -48,6 +48,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let config = CoreConfig {
         max_sandboxes: args.max_sandboxes,
         retention: Duration::from_secs(args.retention),
+        max_shells: args.max_shells,
         ..CoreConfig::default()
     };
     let core = Core::new(store, Arc::new(driver), config)
