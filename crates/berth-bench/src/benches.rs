@@ -1,4 +1,4 @@
-//! The six benchmarks. Each adds its figures (and component timings that explain them)
+//! The benchmarks of issue 2. Each adds its figures (and component timings that explain them)
 //! to the report.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use crate::report::{num, Figure, Target};
 use crate::server::Server;
 use crate::Ctx;
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -219,6 +219,15 @@ pub(crate) async fn run_all(
         concurrency(ctx, server, figures, notes)
             .await
             .context("concurrency benchmark")?;
+    }
+    if ctx.enabled("shells") {
+        eprintln!(
+            "berth-bench: shells (echo {} runs, reattach {} runs, {} streaming shells)",
+            ctx.args.echo_runs, ctx.args.reattach_runs, ctx.args.shell_streams
+        );
+        crate::shells::run(ctx, figures, notes)
+            .await
+            .context("shells benchmark")?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The benchmark harness behind `berth-bench`: it starts a real `berth server` on a
 //! fresh temporary data dir, runs the benchmarks of issue 2 against it over the native
-//! API (and the CLI for one reference figure), deletes every session it made, stops
+//! API (and the CLI for one reference figure) and those of issue 3 over the shell attach
+//! WebSocket (`--only shells`), deletes every session it made, stops
 //! the server with SIGTERM and checks that nothing was left behind.
 //!
 //! Results are printed as a markdown table; `--json` also writes them as JSON.
@@ -10,6 +11,7 @@ mod benches;
 pub mod host;
 pub mod report;
 mod server;
+mod shells;
 pub mod stats;
 
 use std::collections::BTreeSet;
@@ -30,6 +32,7 @@ const ALL: &[&str] = &[
     "throughput",
     "memory",
     "concurrency",
+    "shells",
 ];
 
 /// Measure Berth against a real server started on a temporary data dir (needs root).
@@ -76,7 +79,24 @@ pub struct Args {
     /// Passed to `berth server --max-sandboxes`; must exceed --concurrent-sessions.
     #[arg(long, default_value_t = 128)]
     pub max_sandboxes: usize,
-    /// Comma-separated subset of: new, rtt, resume, throughput, memory, concurrency.
+    /// Keystroke echo round trips measured (after --echo-warmup unmeasured ones).
+    #[arg(long, default_value_t = 2000)]
+    pub echo_runs: usize,
+    /// Unmeasured keystroke echo round trips first.
+    #[arg(long, default_value_t = 200)]
+    pub echo_warmup: usize,
+    /// Measured reattaches (snapshot of a full screen after 256 KiB of output).
+    #[arg(long, default_value_t = 100)]
+    pub reattach_runs: usize,
+    /// Shells attached and streaming at once (one session; the server gets
+    /// `--max-shells` this + 2).
+    #[arg(long, default_value_t = 50)]
+    pub shell_streams: usize,
+    /// Lines (`seq 1 N`) each streaming shell prints.
+    #[arg(long, default_value_t = 20000)]
+    pub shell_lines: u64,
+    /// Comma-separated subset of: new, rtt, resume, throughput, memory, concurrency,
+    /// shells.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Skip the `berth exec … > /dev/null` throughput figure.
@@ -207,6 +227,13 @@ pub fn main_exec(args: Args) -> Result<()> {
     if args.runs == 0 || args.throughput_runs == 0 {
         bail!("--runs and --throughput-runs must be at least 1");
     }
+    if args.echo_runs == 0
+        || args.reattach_runs == 0
+        || args.shell_streams == 0
+        || args.shell_lines == 0
+    {
+        bail!("--echo-runs, --reattach-runs, --shell-streams and --shell-lines must be at least 1");
+    }
     let needed = args
         .concurrent_sessions
         .max(args.memory_sandboxes)
@@ -235,7 +262,13 @@ pub fn main_exec(args: Args) -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let machine = host::Machine::probe();
     let date_utc = chrono_free_utc_now();
-    let mut server = Server::start(&args.berth, args.max_sandboxes, &args.tmp_dir).await?;
+    let mut server = Server::start(
+        &args.berth,
+        args.max_sandboxes,
+        args.shell_streams + 2,
+        &args.tmp_dir,
+    )
+    .await?;
     eprintln!(
         "berth-bench: server {} (pid {:?}, log {})",
         server.url,

@@ -28,7 +28,12 @@ pub struct Server {
 
 impl Server {
     /// Spawn `berth server` on 127.0.0.1 at a free port and wait until it answers.
-    pub async fn start(berth: &Path, max_sandboxes: usize, tmp_base: &Path) -> Result<Self> {
+    pub async fn start(
+        berth: &Path,
+        max_sandboxes: usize,
+        max_shells: usize,
+        tmp_base: &Path,
+    ) -> Result<Self> {
         let berth = berth
             .canonicalize()
             .with_context(|| format!("cannot find the berth binary {}", berth.display()))?;
@@ -58,6 +63,8 @@ impl Server {
             .arg(&listen)
             .arg("--max-sandboxes")
             .arg(max_sandboxes.to_string())
+            .arg("--max-shells")
+            .arg(max_shells.to_string())
             // `sandbox ready helper=… total=…` lines give the start-up breakdown.
             .env("RUST_LOG", "info,berth_sandbox=debug")
             .env_remove("BERTH_DATA_DIR")
