@@ -397,6 +397,10 @@ async fn reattach_without_offset_gets_a_snapshot_of_the_screen() {
     t.run("printf '\\033[1;31mred-%s\\033[0m\\n' $((6*7))", "red-42")
         .await;
     t.run("echo plain-$((1+2))", "plain-3").await;
+    // The next prompt, so the snapshot below is taken with the shell at rest.
+    while !t.seen.ends_with(b"$ ") {
+        assert!(t.step().await.unwrap(), "no prompt after plain-3");
+    }
     drop(t);
 
     let t = Term::attach(&mut guest, attach_req("s")).await;
