@@ -745,11 +745,23 @@ async fn a_shell_that_ignores_sighup_is_killed_after_the_grace() {
         &mut guest,
         ShellOpenRequest {
             shell_id: "stubborn".into(),
-            argv: vec!["sh".into(), "-c".into(), "trap '' HUP; sleep 1000".into()],
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "trap '' HUP; echo trapped; sleep 1000".into(),
+            ],
             ..Default::default()
         },
     )
     .await;
+    // Kill only once the trap is in place, or SIGHUP wins the race.
+    let from_start = ShellAttachStart {
+        offset: Some(0),
+        ..attach_req("stubborn")
+    };
+    let mut t = Term::attach(&mut guest, from_start).await;
+    t.wait_for("trapped").await;
+    drop(t);
     let killed = guest
         .shell_kill(ShellKillRequest {
             shell_id: "stubborn".into(),
