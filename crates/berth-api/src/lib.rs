@@ -6,6 +6,7 @@
 
 pub mod command;
 pub mod error;
+pub mod file;
 pub mod frames;
 pub mod runtime;
 pub mod session;
@@ -14,6 +15,7 @@ pub mod validate;
 
 pub use command::{CommandEvent, CommandRequest, SignalRequest};
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use file::FileInfo;
 pub use runtime::{Isolation, Mount, Runtime, RuntimeSpec};
 pub use session::{CreateSession, Session, SessionState, SessionUsage};
 pub use shell::{OpenShell, ShellInfo, ShellStatus};

@@ -37,15 +37,7 @@ impl ClientError {
     }
 }
 
-/// Metadata of a file in a sandbox.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct FileInfo {
-    pub name: String,
-    pub kind: String,
-    pub size: u64,
-    pub mode: u32,
-    pub modified_ms: i64,
-}
+pub use berth_api::FileInfo;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<CommandEvent, ClientError>> + Send>>;
 pub type RawEventStream = Pin<Box<dyn Stream<Item = Result<RawEvent, ClientError>> + Send>>;

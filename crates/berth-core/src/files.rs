@@ -14,25 +14,15 @@ use crate::{Core, CoreError};
 /// File bytes (or a tar archive) coming out of a sandbox.
 pub type ReadStream = Pin<Box<dyn Stream<Item = Result<Bytes, CoreError>> + Send>>;
 
-/// One directory entry or stat result.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileInfo {
-    pub name: String,
-    pub kind: String,
-    pub size: u64,
-    pub mode: u32,
-    pub modified_ms: i64,
-}
+pub use berth_api::FileInfo;
 
-impl From<berth_guest::proto::FileInfo> for FileInfo {
-    fn from(f: berth_guest::proto::FileInfo) -> Self {
-        Self {
-            name: f.name,
-            kind: f.kind,
-            size: f.size,
-            mode: f.mode,
-            modified_ms: f.modified_ms,
-        }
+fn file_info(f: berth_guest::proto::FileInfo) -> FileInfo {
+    FileInfo {
+        name: f.name,
+        kind: f.kind,
+        size: f.size,
+        mode: f.mode,
+        modified_ms: f.modified_ms,
     }
 }
 
@@ -132,7 +122,7 @@ impl Core {
             })
             .await
             .map_err(|s| CoreError::guest(session_id, s))?;
-        Ok(info.into_inner().into())
+        Ok(file_info(info.into_inner()))
     }
 
     pub async fn list_dir(&self, session_id: &str, path: &str) -> Result<Vec<FileInfo>, CoreError> {
@@ -147,7 +137,7 @@ impl Core {
             .into_inner()
             .entries
             .into_iter()
-            .map(Into::into)
+            .map(file_info)
             .collect())
     }
 
