@@ -272,3 +272,58 @@ async fn two_clients_see_the_same_output_and_a_watcher_cannot_type() {
         "a watcher typed into the shell:\n{screen}"
     );
 }
+
+#[tokio::test]
+async fn a_terminated_cli_restores_the_terminal_and_leaves_the_shell_running() {
+    let Some(s) =
+        Server::start("a_terminated_cli_restores_the_terminal_and_leaves_the_shell_running").await
+    else {
+        return;
+    };
+    let session = uniq("term");
+    let shell = uniq("sh");
+    let cmd = format!(
+        "{}; echo RC=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon",
+        attach_cmd(&session, &shell, "")
+    );
+    let Some(t) = Tmux::start(&s, "term", &cmd) else {
+        return;
+    };
+    let t = t.attached().await;
+    t.line("echo still-$((5+5))");
+    t.wait_for("still-10").await;
+    // The CLI process itself (not tmux or the shell wrapping it).
+    let pids = Command::new("pgrep")
+        .args(["-f", &format!("shell-id {shell}")])
+        .output()
+        .expect("pgrep");
+    let pid: i32 = String::from_utf8_lossy(&pids.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .find(|p: &i32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "berth")
+        })
+        .expect("the CLI's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let screen = t.wait_for("CLI-EXIT=").await;
+    assert!(
+        screen.contains("RC=143"),
+        "exit code of a SIGTERMed CLI:\n{screen}"
+    );
+    assert!(
+        screen.lines().any(|l| l.trim() == "icanon"),
+        "terminal left raw:\n{screen}"
+    );
+    // The shell itself lives on.
+    let list = s.client.list_shells(&session).await.expect("list");
+    let running = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["shell_id"] == shell.as_str() && x["running"] == true);
+    assert!(running, "{list}");
+}

@@ -26,6 +26,12 @@ const CH_HEARTBEAT: u8 = 5;
 const CH_CLOSE: u8 = 0xff;
 const SUBPROTOCOL: &str = "v5.channel.k8s.io";
 
+/// Signal numbers the CLI reports as 128+N when they end it.
+mod libc_sig {
+    pub const HUP: i32 = 1;
+    pub const TERM: i32 = 15;
+}
+
 /// Reconnect delays; the last one repeats until [`GIVE_UP_AFTER`].
 const BACKOFF: [u64; 5] = [1, 2, 4, 8, 15];
 const GIVE_UP_AFTER: Duration = Duration::from_secs(15 * 60);
@@ -35,6 +41,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(20);
 enum Ended {
     Exited(i32),
     Detached,
+    /// The CLI itself got SIGTERM or SIGHUP: leave (restoring the terminal) with 128+N.
+    Signalled(i32),
     /// The connection dropped; resume from this output offset.
     Dropped(Option<u64>, String),
 }
@@ -101,6 +109,13 @@ pub async fn interactive(args: ExecArgs) -> anyhow::Result<ExitCode> {
         match ended {
             Ok(Ended::Exited(code)) => {
                 return Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+            }
+            Ok(Ended::Signalled(sig)) => {
+                drop(_raw);
+                eprintln!(
+                    "\r\nberth: terminated; the shell keeps running. Reattach with:\n  {reattach}"
+                );
+                return Ok(ExitCode::from(u8::try_from(128 + sig).unwrap_or(1)));
             }
             Ok(Ended::Detached) => {
                 drop(_raw);
@@ -278,7 +293,11 @@ async fn attach_once(
         Err(e) => return Ok(Ended::Dropped(offset, e.to_string())),
     };
     let (mut tx, mut rx) = ws.split();
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut winch = signal(SignalKind::window_change())?;
+    // Without these, SIGTERM/SIGHUP would kill the CLI with the terminal still raw.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     heartbeat.tick().await;
     // Output position: known once the server's first status frame arrives.
@@ -344,6 +363,8 @@ async fn attach_once(
                 // Local stdin ended (not a terminal): keep showing output.
                 Keys::Closed => std::future::pending::<()>().await,
             },
+            _ = term.recv() => return Ok(Ended::Signalled(libc_sig::TERM)),
+            _ = hangup.recv() => return Ok(Ended::Signalled(libc_sig::HUP)),
             _ = winch.recv() => {
                 if !watch {
                     if let Some(m) = resize_frame() {
