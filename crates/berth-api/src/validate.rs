@@ -46,6 +46,23 @@ pub fn sandbox_path(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Environment variable names: non-empty, no `=`, no NUL.
+pub fn env_names<'a>(
+    field: &str,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<(), ApiError> {
+    match names
+        .into_iter()
+        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        Some(bad) => Err(ApiError::invalid(
+            field,
+            format!("invalid variable name {bad:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

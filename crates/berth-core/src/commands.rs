@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
-use berth_api::{CommandEvent, CommandRequest};
+use berth_api::{validate, CommandEvent, CommandRequest};
 use berth_guest::proto::{exec_input, exec_output, ExecInput, ExecStart};
 use bytes::Bytes;
 use futures::Stream;
@@ -179,16 +179,9 @@ impl Core {
         let stdin = stdin_of(&req)?;
         let timeout_ms = timeout_ms_of(&req)?;
         if let Some(cwd) = &req.cwd {
-            berth_api::validate::sandbox_path("cwd", cwd)?;
+            validate::sandbox_path("cwd", cwd)?;
         }
-        for key in req.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(CoreError::invalid(
-                    "env",
-                    format!("invalid variable name {key:?}"),
-                ));
-            }
-        }
+        validate::env_names("env", req.env.keys())?;
         self.record_or_create(session_id, req.runtime.as_deref())
             .await?;
         let (slot, sandbox, runtime) = self.ensure_running(session_id).await?;

@@ -37,14 +37,7 @@ pub(crate) fn check_spec(spec: &RuntimeSpec) -> Result<(), CoreError> {
         }
         validate::sandbox_path(&format!("mounts[{i}].target"), &m.target)?;
     }
-    for key in spec.env.keys() {
-        if key.is_empty() || key.contains('=') || key.contains('\0') {
-            return Err(CoreError::invalid(
-                "env",
-                format!("invalid variable name {key:?}"),
-            ));
-        }
-    }
+    validate::env_names("env", spec.env.keys())?;
     if let Some(cpus) = spec.cpus {
         if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
             return Err(CoreError::invalid("cpus", "must be between 0.01 and 1024"));

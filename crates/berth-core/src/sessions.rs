@@ -389,18 +389,26 @@ impl Core {
 
     /// Turn a record into the API view, adding the live sandbox's usage.
     async fn describe(&self, rec: SessionRecord) -> Session {
-        let slot = self.slot(&rec.id);
-        let running = slot.live.try_lock().map(|l| l.is_some()).unwrap_or(true);
         let mut cpu_ns = rec.cpu_ns;
         let mut peak = rec.peak_memory_bytes;
         let mut workspace = rec.workspace_bytes;
-        if running && rec.state == SessionState::Running.as_str() {
+        // Only a running sandbox has a cgroup to read; the driver answers `None` otherwise.
+        if rec.state == SessionState::Running.as_str() {
             if let Some(stats) = self.driver().stats(&rec.id).await {
                 cpu_ns = cpu_ns.saturating_add(stats.cpu_ns);
                 peak = peak.max(stats.memory_peak_bytes);
             }
             workspace = self.driver().workspace_bytes(&rec.id).await;
         }
+        // Listing must not create in-memory state for every session it shows.
+        #[allow(clippy::unwrap_used)] // poisoned only if a holder panicked
+        let live_activity = self
+            .inner
+            .slots
+            .lock()
+            .unwrap()
+            .get(&rec.id)
+            .map(|s| s.last_activity_ms.load(Ordering::SeqCst));
         let state = rec.state.parse().unwrap_or(SessionState::Stopped);
         Session {
             id: rec.id,
@@ -413,9 +421,7 @@ impl Core {
                 workspace_bytes: workspace,
             },
             created_at_ms: rec.created_at_ms,
-            last_activity_ms: rec
-                .last_activity_ms
-                .max(slot.last_activity_ms.load(Ordering::SeqCst)),
+            last_activity_ms: rec.last_activity_ms.max(live_activity.unwrap_or(0)),
             started_at_ms: rec.started_at_ms,
         }
     }
