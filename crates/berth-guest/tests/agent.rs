@@ -4,12 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth_guest::client::{connect_unix, Guest};
+use berth_guest::client::Guest;
 use berth_guest::proto::{
     exec_input, exec_output, write_file_input, Empty, ExecInput, ExecStart, Exited, PathRequest,
     ReadFileRequest, WriteFileInput, WriteTarget,
@@ -21,95 +23,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-const ENTRY_ENV: &str = "BERTH_GUEST_TEST_LISTEN";
+use common::TestAgent;
 
-/// Not a test: the agent process of the other tests (see `TestAgent::start`).
+/// Not a test: the agent process of the other tests (see `common::TestAgent`).
 #[test]
 fn agent_process() {
-    if let Some(path) = std::env::var_os(ENTRY_ENV) {
-        berth_guest::agent::cli_main(vec!["--listen".into(), path]).unwrap();
-    }
-}
-
-struct TestAgent {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl TestAgent {
-    fn start() -> TestAgent {
-        Self::start_with(&[])
-    }
-
-    /// Start the agent under `wrapper` (e.g. `unshare ...`), or directly if it is empty.
-    fn start_with(wrapper: &[&str]) -> TestAgent {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("guest.sock");
-        // BERTH_GUEST_TEST_BIN=target/debug/berth runs the real `berth guest` instead of
-        // this test binary re-executed into `agent_process`.
-        let real = std::env::var_os("BERTH_GUEST_TEST_BIN");
-        let exe = real
-            .clone()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::current_exe().unwrap());
-        let mut cmd = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut cmd = Command::new(first);
-                cmd.args(rest).arg(exe);
-                cmd
-            }
-            None => Command::new(exe),
-        };
-        if real.is_some() {
-            cmd.arg("guest").arg("--listen").arg(&socket);
-        } else {
-            cmd.args([
-                "--exact",
-                "agent_process",
-                "--nocapture",
-                "--test-threads=1",
-            ]);
-        }
-        let child = cmd
-            .env(ENTRY_ENV, &socket)
-            .env(
-                "BERTH_LOG",
-                std::env::var("BERTH_LOG").unwrap_or("warn".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let begin = Instant::now();
-        while !socket.exists() {
-            assert!(
-                begin.elapsed() < Duration::from_secs(60),
-                "agent never listened"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        TestAgent { child, dir, socket }
-    }
-
-    async fn connect(&self) -> Guest {
-        connect_unix(&self.socket).await.unwrap()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// A scratch path inside the test's temp dir.
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for TestAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    common::agent_process_entry();
 }
 
 fn sh(script: &str) -> ExecStart {

@@ -4,12 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::num::NonZeroU16;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use berth_guest::client::{connect_unix, shell_attach, Guest, ShellAttachment};
+use berth_guest::client::{shell_attach, Guest, ShellAttachment};
 use berth_guest::proto::{
     shell_output, Empty, Exited, ShellAttachStart, ShellAttached, ShellInfo, ShellInput,
     ShellKillRequest, ShellOpenRequest, ShellRecordingRequest,
@@ -18,70 +19,15 @@ use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use tonic::Code;
 
-const LISTEN_ENV: &str = "BERTH_GUEST_SHELL_TEST_LISTEN";
-const LOG_DIR_ENV: &str = "BERTH_GUEST_SHELL_TEST_LOG_DIR";
+use common::TestAgent;
+
 /// Guard against hangs only: no test asserts how long anything takes.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Not a test: the agent process of the other tests (see `TestAgent::start`).
+/// Not a test: the agent process of the other tests (see `common::TestAgent`).
 #[test]
 fn agent_process() {
-    if let (Some(listen), Some(log_dir)) =
-        (std::env::var_os(LISTEN_ENV), std::env::var_os(LOG_DIR_ENV))
-    {
-        berth_guest::agent::cli_main(vec!["--listen".into(), listen, "--log-dir".into(), log_dir])
-            .unwrap();
-    }
-}
-
-struct TestAgent {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl TestAgent {
-    fn start() -> TestAgent {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("guest.sock");
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "agent_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(LISTEN_ENV, &socket)
-            .env(LOG_DIR_ENV, dir.path().join("log"))
-            .env(
-                "BERTH_LOG",
-                std::env::var("BERTH_LOG").unwrap_or("warn".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let begin = Instant::now();
-        while !socket.exists() {
-            assert!(begin.elapsed() < PATIENCE, "agent never listened");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        TestAgent { child, dir, socket }
-    }
-
-    async fn connect(&self) -> Guest {
-        connect_unix(&self.socket).await.unwrap()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for TestAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    common::agent_process_entry();
 }
 
 /// A predictable interactive bash: no rc files, prompt `$ `.
