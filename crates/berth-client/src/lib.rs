@@ -360,30 +360,114 @@ fn ndjson(resp: Response) -> EventStream {
     })
 }
 
-/// Split a binary frame response into events.
+/// Split a binary frame response into events. Output is handed on as slices of the
+/// received chunks, never copied: a frame whose payload spans several chunks arrives as
+/// several `Stdout`/`Stderr` pieces (frame boundaries carry no meaning).
 fn frames(resp: Response) -> RawEventStream {
-    use berth_api::frames::{decode, Frame, HEADER_LEN};
-    decoded(resp, |buf| {
-        let (frame, used) = match decode(buf) {
-            Ok(Some(found)) => found,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(ClientError::Protocol(e.to_string())),
-        };
-        // Output payloads are split off the buffer, not copied.
-        let payload = |buf: &mut BytesMut| {
-            let mut frame = buf.split_to(used);
-            bytes::Buf::advance(&mut frame, HEADER_LEN);
-            frame.freeze()
-        };
-        Ok(Some(match frame {
-            Frame::Event(ev) => {
-                let _ = buf.split_to(used);
-                RawEvent::Event(ev)
+    frame_events(Box::pin(resp.bytes_stream()))
+}
+
+type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+fn frame_events(body: BodyStream) -> RawEventStream {
+    let state = FrameReader {
+        body,
+        chunk: Bytes::new(),
+        head: BytesMut::new(),
+        output: None,
+        event: None,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut reader| async move {
+        let item = reader.next_event().await?;
+        if item.is_err() {
+            reader.done = true;
+        }
+        Some((item, reader))
+    }))
+}
+
+/// Incremental decoder state of [`frames`].
+struct FrameReader {
+    body: BodyStream,
+    /// The unconsumed rest of the last chunk received.
+    chunk: Bytes,
+    /// A frame header being collected (headers may straddle chunks).
+    head: BytesMut,
+    /// Inside an output frame: its kind and the payload bytes still to come.
+    output: Option<(u8, usize)>,
+    /// Inside an event frame: the JSON collected so far and its full length.
+    event: Option<(BytesMut, usize)>,
+    done: bool,
+}
+
+impl FrameReader {
+    async fn next_event(&mut self) -> Option<Result<RawEvent, ClientError>> {
+        use berth_api::frames::{KIND_EVENT, KIND_STDERR, KIND_STDOUT};
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.chunk.is_empty() {
+                match self.body.next().await {
+                    Some(Ok(chunk)) => {
+                        self.chunk = chunk;
+                        continue;
+                    }
+                    Some(Err(e)) => return Some(Err(ClientError::Transport(e))),
+                    None if self.head.is_empty()
+                        && self.output.is_none()
+                        && self.event.is_none() =>
+                    {
+                        return None
+                    }
+                    None => {
+                        let err = ClientError::Protocol("stream ended inside an event".into());
+                        return Some(Err(err));
+                    }
+                }
             }
-            Frame::Stdout(_) => RawEvent::Stdout(payload(buf)),
-            Frame::Stderr(_) => RawEvent::Stderr(payload(buf)),
-        }))
-    })
+            if let Some((kind, remaining)) = self.output {
+                let piece = self.chunk.split_to(remaining.min(self.chunk.len()));
+                let left = remaining - piece.len();
+                self.output = (left > 0).then_some((kind, left));
+                return Some(Ok(if kind == KIND_STDOUT {
+                    RawEvent::Stdout(piece)
+                } else {
+                    RawEvent::Stderr(piece)
+                }));
+            }
+            if let Some((json, len)) = self.event.as_mut() {
+                let want = (*len - json.len()).min(self.chunk.len());
+                json.extend_from_slice(&self.chunk.split_to(want));
+                if json.len() < *len {
+                    continue;
+                }
+                let (json, _) = self.event.take().unwrap_or_default();
+                return Some(
+                    serde_json::from_slice::<CommandEvent>(&json)
+                        .map(RawEvent::Event)
+                        .map_err(|e| ClientError::Protocol(format!("bad event frame: {e}"))),
+                );
+            }
+            let want = (berth_api::frames::HEADER_LEN - self.head.len()).min(self.chunk.len());
+            self.head.extend_from_slice(&self.chunk.split_to(want));
+            if self.head.len() < berth_api::frames::HEADER_LEN {
+                continue;
+            }
+            let head = self.head.split();
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            match head[0] {
+                KIND_STDOUT | KIND_STDERR if len == 0 => {}
+                kind @ (KIND_STDOUT | KIND_STDERR) => self.output = Some((kind, len)),
+                KIND_EVENT => self.event = Some((BytesMut::with_capacity(len), len)),
+                other => {
+                    let e = berth_api::frames::FrameError::UnknownKind(other);
+                    return Some(Err(ClientError::Protocol(e.to_string())));
+                }
+            }
+        }
+    }
 }
 
 /// Turn a streamed body into items with `next`, which takes one complete item off the
@@ -423,4 +507,71 @@ where
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use berth_api::frames::{header, KIND_EVENT, KIND_STDERR, KIND_STDOUT};
+
+    fn stream_of(wire: &[u8], piece: usize) -> BodyStream {
+        let chunks: Vec<reqwest::Result<Bytes>> = wire
+            .chunks(piece)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        Box::pin(futures::stream::iter(chunks))
+    }
+
+    fn wire() -> Vec<u8> {
+        let started = serde_json::to_vec(&CommandEvent::Started {
+            command_id: "c".into(),
+            session_id: "s".into(),
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        out.extend(header(KIND_EVENT, started.len()));
+        out.extend(&started);
+        out.extend(header(KIND_STDOUT, 1000));
+        out.extend((0..1000u32).map(|i| (i % 251) as u8));
+        out.extend(header(KIND_STDOUT, 0));
+        out.extend(header(KIND_STDERR, 3));
+        out.extend(b"err");
+        out
+    }
+
+    #[tokio::test]
+    async fn frames_decode_the_same_whatever_the_chunking() {
+        for piece in [1, 2, 5, 6, 7, 64, 999, 100_000] {
+            let mut events = frame_events(stream_of(&wire(), piece));
+            let (mut stdout, mut stderr, mut started) = (Vec::new(), Vec::new(), 0);
+            while let Some(ev) = events.next().await {
+                match ev.unwrap() {
+                    RawEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                    RawEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                    RawEvent::Event(CommandEvent::Started { .. }) => started += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let want: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+            assert_eq!(stdout, want, "chunks of {piece}");
+            assert_eq!(stderr, b"err", "chunks of {piece}");
+            assert_eq!(started, 1, "chunks of {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_or_unknown_frames_are_errors() {
+        let mut wire = wire();
+        wire.truncate(wire.len() - 1);
+        let results: Vec<_> = frame_events(stream_of(&wire, 7)).collect().await;
+        assert!(matches!(
+            results.last(),
+            Some(Err(ClientError::Protocol(_)))
+        ));
+
+        let results: Vec<_> = frame_events(stream_of(&header(9, 0), 5)).collect().await;
+        assert_eq!(results.len(), 1);
+        assert!(matches!(&results[0], Err(ClientError::Protocol(m)) if m.contains("kind 9")));
+    }
 }
