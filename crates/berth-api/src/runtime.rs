@@ -8,6 +8,8 @@ pub enum Isolation {
     /// Linux namespaces + cgroups + seccomp (youki libcontainer).
     #[default]
     Namespace,
+    /// One QEMU `microvm` per session with its own kernel (needs `berth image build`).
+    Microvm,
 }
 
 /// An extra host directory mounted into every sandbox of a runtime.

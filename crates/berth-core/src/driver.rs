@@ -78,6 +78,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Whether the sandbox's first process is still alive.
     async fn is_alive(&self, session_id: &str) -> bool;
 
+    /// Why a sandbox that is no longer alive ended, as a `stop_reason` (e.g. a microVM's
+    /// `guest_kernel_panic`).
+    async fn exit_reason(&self, _session_id: &str) -> &'static str {
+        "sandbox_exited"
+    }
+
     /// Stop the sandbox and release everything it held on the host (processes, cgroup,
     /// mounts, loop device, sockets). Idempotent; the workspace image stays.
     async fn stop(&self, session_id: &str) -> Result<(), DriverError>;

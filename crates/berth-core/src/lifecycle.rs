@@ -44,7 +44,7 @@ impl Core {
                 } else if !busy && idle_ms >= (l.runtime.idle_timeout_s as i64) * 1000 {
                     Some("idle_timeout")
                 } else if !self.driver().is_alive(&slot.id).await {
-                    Some("sandbox_exited")
+                    Some(self.driver().exit_reason(&slot.id).await)
                 } else {
                     None
                 }

@@ -41,6 +41,52 @@ impl SandboxCgroup {
         self.root.join(controller).join(&self.cgroup)
     }
 
+    /// Create the cgroup (and its parents) with these limits, for a process the driver
+    /// starts itself (the microVM's VMM; libcontainer creates namespace sandboxes' own).
+    /// v1: in the `cpu`, `cpuacct`, `memory` and `pids` hierarchies; v2: one directory
+    /// with the `cpu`, `memory` and `pids` controllers enabled down to it.
+    pub fn create(&self, limits: &CgroupLimits) -> std::io::Result<()> {
+        if self.unified() {
+            let mut dir = self.root.clone();
+            for part in Path::new(&self.cgroup).components() {
+                // Controllers must be enabled in every ancestor for the leaf to get them.
+                let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids");
+                dir.push(part);
+                create_dir(&dir)?;
+            }
+            fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())?;
+            if let Some(quota) = limits.cpu_quota_us() {
+                fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+            fs::write(dir.join("pids.max"), limits.pids.to_string())?;
+            return Ok(());
+        }
+        for controller in ["cpu", "cpuacct", "memory", "pids"] {
+            let dir = self.dir(controller);
+            fs::create_dir_all(&dir)?;
+        }
+        let memory = self.dir("memory");
+        fs::write(
+            memory.join("memory.limit_in_bytes"),
+            limits.memory_bytes.to_string(),
+        )?;
+        if let Some(quota) = limits.cpu_quota_us() {
+            let cpu = self.dir("cpu");
+            fs::write(cpu.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+            fs::write(cpu.join("cpu.cfs_quota_us"), quota.to_string())?;
+        }
+        fs::write(self.dir("pids").join("pids.max"), limits.pids.to_string())?;
+        Ok(())
+    }
+
+    /// Move `pid` into every hierarchy of this cgroup.
+    pub fn attach(&self, pid: u32) -> std::io::Result<()> {
+        for dir in self.dirs() {
+            fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(())
+    }
+
     /// CPU time and peak memory; `None` when the cgroup does not exist.
     pub fn stats(&self) -> Option<SandboxStats> {
         if self.unified() {
@@ -153,6 +199,32 @@ impl SandboxCgroup {
                 let _ = fs::remove_dir(entry.path().join(parent));
             }
         }
+    }
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Limits for [`SandboxCgroup::create`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CgroupLimits {
+    pub memory_bytes: u64,
+    /// CPU cores; `None` = unlimited.
+    pub cpus: Option<f64>,
+    pub pids: u64,
+}
+
+impl CgroupLimits {
+    fn cpu_quota_us(&self) -> Option<u64> {
+        self.cpus
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map(|c| ((c * CPU_PERIOD_US as f64) as u64).max(1000))
+    }
+}
+
+fn create_dir(dir: &Path) -> std::io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
     }
 }
 

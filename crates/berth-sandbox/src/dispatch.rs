@@ -1,0 +1,167 @@
+//! One [`Driver`] over several: each runtime names its isolation, and a session's calls
+//! go to the driver that runs it. Both drivers keep workspaces at the same path in the
+//! same ext4 format, so a session may move between them across a stop.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use berth_api::{Isolation, RuntimeSpec};
+use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
+
+pub struct Drivers {
+    namespace: Arc<dyn Driver>,
+    /// `Err` says why microVMs cannot run on this server.
+    microvm: Result<Arc<dyn Driver>, String>,
+    /// Which driver runs each session it started or adopted.
+    running: Mutex<HashMap<String, Isolation>>,
+}
+
+impl Drivers {
+    pub fn new(namespace: Arc<dyn Driver>, microvm: Result<Arc<dyn Driver>, String>) -> Self {
+        Self {
+            namespace,
+            microvm,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pick(&self, isolation: Isolation) -> Result<&Arc<dyn Driver>, DriverError> {
+        match isolation {
+            Isolation::Namespace => Ok(&self.namespace),
+            Isolation::Microvm => {
+                self.microvm
+                    .as_ref()
+                    .map_err(|why| DriverError::InvalidRuntime {
+                        field: "isolation",
+                        message: format!(
+                            "microvm isolation is not available on this server: {why}"
+                        ),
+                    })
+            }
+        }
+    }
+
+    /// Every driver this server has.
+    fn all(&self) -> impl Iterator<Item = &Arc<dyn Driver>> {
+        std::iter::once(&self.namespace).chain(self.microvm.as_ref().ok())
+    }
+
+    /// The driver running `session`, else the namespace one.
+    fn of(&self, session: &str) -> &Arc<dyn Driver> {
+        let isolation = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.get(session).copied());
+        match isolation {
+            Some(isolation) => self.pick(isolation).unwrap_or(&self.namespace),
+            None => &self.namespace,
+        }
+    }
+
+    fn remember(&self, session: &str, isolation: Isolation) {
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(session.to_string(), isolation);
+        }
+    }
+
+    fn forget(&self, session: &str) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(session);
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for Drivers {
+    fn name(&self) -> &'static str {
+        if self.microvm.is_ok() {
+            "namespace+microvm"
+        } else {
+            "namespace"
+        }
+    }
+
+    fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError> {
+        self.pick(runtime.isolation)?.validate(runtime)
+    }
+
+    async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
+        let driver = self.pick(req.runtime.isolation)?;
+        let sandbox = driver.start(req).await?;
+        self.remember(&req.session_id, req.runtime.isolation);
+        Ok(sandbox)
+    }
+
+    async fn adopt(&self, req: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
+        let Ok(driver) = self.pick(req.runtime.isolation) else {
+            return Ok(None);
+        };
+        let adopted = driver.adopt(req).await?;
+        if adopted.is_some() {
+            self.remember(&req.session_id, req.runtime.isolation);
+        }
+        Ok(adopted)
+    }
+
+    async fn is_alive(&self, session_id: &str) -> bool {
+        self.of(session_id).is_alive(session_id).await
+    }
+
+    async fn exit_reason(&self, session_id: &str) -> &'static str {
+        self.of(session_id).exit_reason(session_id).await
+    }
+
+    /// Stops the session in every driver: a leftover found at start may belong to
+    /// either, and stopping what does not exist is a no-op.
+    async fn stop(&self, session_id: &str) -> Result<(), DriverError> {
+        let mut result = Ok(());
+        for driver in self.all() {
+            if let Err(e) = driver.stop(session_id).await {
+                result = result.and(Err(e));
+            }
+        }
+        self.forget(session_id);
+        result
+    }
+
+    async fn stats(&self, session_id: &str) -> Option<SandboxStats> {
+        self.of(session_id).stats(session_id).await
+    }
+
+    async fn workspace_bytes(&self, session_id: &str) -> u64 {
+        self.of(session_id).workspace_bytes(session_id).await
+    }
+
+    /// Each driver refuses while it runs the session; the image is the same file.
+    async fn delete_workspace(&self, session_id: &str) -> Result<(), DriverError> {
+        let running = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.get(session_id).copied());
+        if let Some(isolation) = running {
+            return self.pick(isolation)?.delete_workspace(session_id).await;
+        }
+        for driver in self.all() {
+            driver.delete_workspace(session_id).await?;
+        }
+        Ok(())
+    }
+
+    async fn leftovers(&self) -> Vec<String> {
+        let mut ids = vec![];
+        for driver in self.all() {
+            ids.extend(driver.leftovers().await);
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    fn workspace_image(&self, session_id: &str) -> PathBuf {
+        self.namespace.workspace_image(session_id)
+    }
+}

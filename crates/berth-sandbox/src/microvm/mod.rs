@@ -1,0 +1,594 @@
+//! The microVM driver: one QEMU `microvm` per session, booting the guest image that
+//! `berth image build` made (kernel + initramfs whose `/init` is `berth guest` + a
+//! read-only rootfs), with the session's workspace image as a second disk. The guest
+//! protocol runs over a virtio-serial port that QEMU exposes as a unix socket here.
+//!
+//! QEMU is started in its own process group and survives a server restart, which then
+//! re-adopts it over the same socket. See `README.md` in this directory.
+
+pub mod vmm;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use berth_api::RuntimeSpec;
+use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
+use berth_guest::client::Guest;
+
+use self::vmm::{Accel, VmSpec, Vmm};
+use crate::namespace::cgroup::{CgroupLimits, SandboxCgroup};
+use crate::namespace::init_process::InitProcess;
+use crate::namespace::paths::check_session_id;
+use crate::volume;
+
+/// Memory the VMM itself may use on top of the guest's RAM before its cgroup limit.
+const VMM_OVERHEAD: u64 = 256 << 20;
+/// Bound on threads of one VMM (vCPUs, I/O workers): a guest cannot fork on the host.
+const VMM_PIDS: u64 = 256;
+/// How long `adopt` gives a guest that is already up to serve a new connection.
+const ADOPT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long `stop` waits for the VMM to exit after the guest's shutdown, then kills it.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// `console.log` is truncated when it grows past this.
+const CONSOLE_LOG_MAX: u64 = 1 << 20;
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// The kernel's command line is at most 2048 bytes on x86.
+const MAX_CMDLINE: usize = 2000;
+
+/// The three artifacts a microVM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// Where built guest images are found: implemented over `berth image`'s cache by the
+/// binary, so this crate does not depend on how images are built.
+pub trait GuestImages: Send + Sync + 'static {
+    /// The built image for a runtime's `image` (`host` or a rootfs directory), or a
+    /// one-line message saying how to build it.
+    fn find(&self, image: &str) -> Result<GuestImage, String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct MicroVmConfig {
+    /// The server's data dir; the driver uses `workspaces/` and `vm/`.
+    pub data_dir: PathBuf,
+    /// How long `start` waits for the guest agent's first answer.
+    pub boot_deadline: Duration,
+}
+
+impl MicroVmConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            boot_deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the guest needs to know about its session, passed on the kernel command line
+/// as `berth.config=<base64url(JSON)>` (the guest has no other channel before its
+/// agent serves).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GuestConfig {
+    pub hostname: String,
+    pub workspace_path: String,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub pids: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid session id")]
+    SessionId(#[from] crate::namespace::paths::SessionIdError),
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workspace volume")]
+    Volume(#[from] volume::VolumeError),
+    #[error("cannot run {vmm}")]
+    Spawn {
+        vmm: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM exited during boot; console: {0}")]
+    Exited(String),
+    #[error("the guest agent did not answer within {0:?}; console: {1}")]
+    GuestTimeout(Duration, String),
+    #[error("channel socket path {0} is longer than 107 bytes: use a shorter data dir")]
+    SocketPath(PathBuf),
+    #[error("the session's configuration does not fit on the kernel command line ({0} bytes): use fewer or shorter env values")]
+    Cmdline(usize),
+    #[error("the sandbox is running")]
+    Running,
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Everything ephemeral of one VM lives under `vm/<session>/`.
+struct VmPaths {
+    dir: PathBuf,
+    channel: PathBuf,
+    cgroup: String,
+}
+
+impl VmPaths {
+    fn pid(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+    fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// The VMM's own stderr (e.g. a disk it cannot open).
+    fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
+pub struct MicroVmDriver {
+    config: MicroVmConfig,
+    vmm: Arc<dyn Vmm>,
+    images: Arc<dyn GuestImages>,
+    accel: Accel,
+    /// The guest connection of every running VM: QEMU's channel socket serves one
+    /// client at a time, so the driver shares the core's connection instead of
+    /// opening its own.
+    guests: Mutex<HashMap<String, Guest>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl MicroVmDriver {
+    pub fn new(
+        config: MicroVmConfig,
+        vmm: Arc<dyn Vmm>,
+        images: Arc<dyn GuestImages>,
+        accel: Accel,
+    ) -> std::io::Result<Self> {
+        let vm = config.data_dir.join("vm");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(vm.join(".sock"))?;
+        Ok(Self {
+            config,
+            vmm,
+            images,
+            accel,
+            guests: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn vmm_name(&self) -> &'static str {
+        self.vmm.name()
+    }
+
+    fn vm_dir(&self) -> PathBuf {
+        self.config.data_dir.join("vm")
+    }
+
+    fn paths(&self, session: &str) -> VmPaths {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(session.as_bytes());
+        // Cgroups are host-global; the data dir's share keeps two servers apart.
+        let server = sha2::Sha256::digest(self.vm_dir().as_os_str().as_encoded_bytes());
+        VmPaths {
+            dir: self.vm_dir().join(session),
+            channel: self.vm_dir().join(".sock").join(hex(&digest[..8])),
+            cgroup: format!("/berth/{}/{session}", hex(&server[..6])),
+        }
+    }
+
+    fn workspace_image(&self, session: &str) -> PathBuf {
+        self.config
+            .data_dir
+            .join("workspaces")
+            .join(format!("{session}.ext4"))
+    }
+
+    fn cmdline(req: &SandboxRequest) -> Result<String, VmError> {
+        let rt = &req.runtime;
+        let config = GuestConfig {
+            hostname: crate::namespace::spec::hostname(&req.session_id),
+            workspace_path: rt.workspace_path.clone(),
+            env: rt.env.clone(),
+            pids: rt.pids,
+        };
+        let json = serde_json::to_vec(&config).unwrap_or_default();
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        // `panic=-1`: a guest kernel panic reboots, which `-no-reboot` turns into the
+        // VMM exiting, so the host sees it.
+        let line = format!(
+            "console=ttyS0 panic=-1 quiet berth.workspace_path={} berth.config={encoded}",
+            rt.workspace_path
+        );
+        if line.len() > MAX_CMDLINE {
+            return Err(VmError::Cmdline(line.len()));
+        }
+        Ok(line)
+    }
+
+    fn spec(
+        &self,
+        req: &SandboxRequest,
+        image: &GuestImage,
+        paths: &VmPaths,
+    ) -> Result<VmSpec, VmError> {
+        let rt = &req.runtime;
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let vcpus = rt
+            .cpus
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map_or(1, |c| c.ceil() as u32)
+            .clamp(1, host_cpus);
+        Ok(VmSpec {
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline: Self::cmdline(req)?,
+            rootfs: image.rootfs.clone(),
+            workspace: self.workspace_image(&req.session_id),
+            channel: paths.channel.clone(),
+            console_log: paths.console(),
+            vcpus,
+            memory_mib: (rt.memory >> 20).max(128),
+            accel: self.accel,
+        })
+    }
+
+    async fn start_inner(&self, req: &SandboxRequest) -> Result<Sandbox, VmError> {
+        let t0 = Instant::now();
+        let session = &req.session_id;
+        check_session_id(session)?;
+        let paths = self.paths(session);
+        if paths.channel.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::SocketPath(paths.channel));
+        }
+        if paths.dir.exists() {
+            // A leftover of an earlier VM: the core asks to start, so it is dead.
+            self.stop_inner(session).await?;
+        }
+        let image = self
+            .images
+            .find(&req.runtime.image)
+            .map_err(|m| VmError::Prepare {
+                path: PathBuf::from(&req.runtime.image),
+                source: std::io::Error::other(m),
+            })?;
+        let ws = self.workspace_image(session);
+        let size = req.runtime.workspace_size;
+        // Root inside the VM is uid 0, so the workspace's root dir belongs to 0.
+        tokio::task::spawn_blocking(move || volume::ensure_image(&ws, size, 0, None)).await??;
+        let prep = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmError::Prepare { path, source }
+        };
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&paths.dir)
+            .map_err(prep(&paths.dir))?;
+        let _ = fs::remove_file(&paths.channel);
+        let spec = self.spec(req, &image, &paths)?;
+        let cgroup = SandboxCgroup::new(&paths.cgroup);
+        cgroup
+            .create(&CgroupLimits {
+                memory_bytes: req.runtime.memory.saturating_add(VMM_OVERHEAD),
+                cpus: req.runtime.cpus,
+                pids: VMM_PIDS,
+            })
+            .map_err(prep(Path::new(&paths.cgroup)))?;
+        let vmm_log = fs::File::create(paths.vmm_log()).map_err(prep(&paths.vmm_log()))?;
+        let mut cmd = tokio::process::Command::from(self.vmm.command(&spec));
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(vmm_log.try_clone().map_err(prep(&paths.vmm_log()))?)
+            .stderr(vmm_log)
+            // Its own process group: a Ctrl+C at the server's terminal must not reach
+            // it, and it outlives a server restart to be adopted.
+            .process_group(0);
+        let child = cmd.spawn().map_err(|source| VmError::Spawn {
+            vmm: self.vmm.name(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        // tokio reaps the process once it exits; liveness is read from /proc.
+        drop(child);
+        if let Err(e) = cgroup.attach(pid) {
+            tracing::warn!(session = %session, error = %e, "cannot move the VMM into its cgroup");
+        }
+        let vmm = InitProcess::of(pid as i32)
+            .ok_or_else(|| VmError::Exited(self.console_tail(&paths)))?;
+        vmm.write(&paths.pid()).map_err(prep(&paths.pid()))?;
+        let guest = self
+            .wait_for_guest(&paths, vmm, self.config.boot_deadline)
+            .await?;
+        tracing::debug!(session = %session, accel = self.accel.name(), boot = ?t0.elapsed(), "microvm ready");
+        self.guests
+            .lock()
+            .map(|mut g| g.insert(session.clone(), guest.clone()))
+            .ok();
+        Ok(Sandbox {
+            guest,
+            init_pid: pid,
+        })
+    }
+
+    /// Connect to the channel socket once and wait for `Health`: bytes sent before the
+    /// guest opens its port wait in QEMU, so one connection sees the guest come up.
+    async fn wait_for_guest(
+        &self,
+        paths: &VmPaths,
+        vmm: InitProcess,
+        deadline: Duration,
+    ) -> Result<Guest, VmError> {
+        let start = Instant::now();
+        let dead = || VmError::Exited(self.console_tail(paths));
+        let timeout = || VmError::GuestTimeout(deadline, self.console_tail(paths));
+        // QEMU creates the socket as soon as it has parsed its options.
+        while !paths.channel.exists() {
+            if !vmm.is_alive() {
+                return Err(dead());
+            }
+            if start.elapsed() > deadline {
+                return Err(timeout());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let guest = match berth_guest::client::connect_unix(&paths.channel).await {
+            Ok(guest) => guest,
+            Err(_) if !vmm.is_alive() => return Err(dead()),
+            Err(_) => return Err(timeout()),
+        };
+        let mut probe = guest.clone();
+        let health = probe.health(berth_guest::proto::Empty {});
+        tokio::pin!(health);
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(timeout());
+            }
+            tokio::select! {
+                res = &mut health => {
+                    return match res {
+                        Ok(_) => Ok(guest),
+                        Err(_) if !vmm.is_alive() => Err(dead()),
+                        Err(_) => Err(timeout()),
+                    };
+                }
+                _ = tokio::time::sleep(left.min(Duration::from_millis(50))) => {
+                    if !vmm.is_alive() {
+                        return Err(dead());
+                    }
+                }
+            }
+        }
+    }
+
+    fn console_tail(&self, paths: &VmPaths) -> String {
+        let mut text = fs::read(paths.console()).unwrap_or_default();
+        text.extend(fs::read(paths.vmm_log()).unwrap_or_default());
+        let tail = &text[text.len().saturating_sub(2000)..];
+        String::from_utf8_lossy(tail).trim().to_string()
+    }
+
+    fn vmm_of(&self, session: &str) -> Option<InitProcess> {
+        check_session_id(session).ok()?;
+        InitProcess::read(&self.paths(session).pid())
+    }
+
+    async fn stop_inner(&self, session: &str) -> Result<(), VmError> {
+        check_session_id(session)?;
+        let paths = self.paths(session);
+        self.guests.lock().map(|mut g| g.remove(session)).ok();
+        if let Some(vmm) = InitProcess::read(&paths.pid()) {
+            // The core has asked the guest to shut down; it unmounts the workspace and
+            // powers off, which ends the VMM by itself.
+            let waited = Instant::now();
+            while vmm.is_alive() && waited.elapsed() < EXIT_GRACE {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if vmm.is_alive() {
+                tracing::info!(session, "the VM did not power off; killing its VMM");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(vmm.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let cgroup = SandboxCgroup::new(&paths.cgroup);
+        let left = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await?;
+        if !left.is_empty() {
+            tracing::warn!(session, ?left, "cgroup directories left behind");
+        }
+        let _ = fs::remove_file(&paths.channel);
+        if paths.dir.exists() {
+            fs::remove_dir_all(&paths.dir).map_err(|source| VmError::Prepare {
+                path: paths.dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn trim_console(paths: &VmPaths) {
+        let log = paths.console();
+        if fs::metadata(&log).is_ok_and(|m| m.len() > CONSOLE_LOG_MAX) {
+            // QEMU appends (`append=on`), so it continues at the new end.
+            if let Ok(f) = fs::OpenOptions::new().write(true).open(&log) {
+                let _ = f.set_len(0);
+            }
+        }
+    }
+
+    /// Why a VM that is no longer alive stopped, from its console.
+    fn exit_reason_of(&self, session: &str) -> &'static str {
+        let paths = self.paths(session);
+        let console = fs::read(paths.console()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&console[console.len().saturating_sub(64 << 10)..]);
+        if text.contains("Kernel panic") {
+            "guest_kernel_panic"
+        } else if text.contains("reboot: Power down") {
+            "guest_powered_off"
+        } else {
+            "vmm_exited"
+        }
+    }
+}
+
+fn start_error(session: &str, e: VmError) -> DriverError {
+    DriverError::Start {
+        session: session.to_string(),
+        source: Box::new(e),
+    }
+}
+
+fn io_error(op: &'static str, session: &str, e: VmError) -> DriverError {
+    DriverError::Io {
+        op,
+        session: session.to_string(),
+        source: Box::new(e),
+    }
+}
+
+#[async_trait]
+impl Driver for MicroVmDriver {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError> {
+        crate::namespace::validate::check(runtime, &self.config.data_dir)?;
+        if !runtime.mounts.is_empty() {
+            return Err(DriverError::InvalidRuntime {
+                field: "mounts",
+                message: "host directory mounts are not supported with isolation microvm yet"
+                    .into(),
+            });
+        }
+        self.images
+            .find(&runtime.image)
+            .map(|_| ())
+            .map_err(|message| DriverError::InvalidRuntime {
+                field: "image",
+                message,
+            })
+    }
+
+    async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
+        self.validate(&req.runtime)?;
+        match self.start_inner(req).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                if let Err(stop) = self.stop_inner(&req.session_id).await {
+                    tracing::warn!(session = %req.session_id, error = %stop, "cleanup after failed start");
+                }
+                Err(start_error(&req.session_id, e))
+            }
+        }
+    }
+
+    async fn adopt(&self, req: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
+        let session = &req.session_id;
+        check_session_id(session).map_err(|e| io_error("adopt", session, e.into()))?;
+        let paths = self.paths(session);
+        if !paths.dir.exists() {
+            return Ok(None);
+        }
+        if let Some(vmm) = InitProcess::read(&paths.pid()).filter(InitProcess::is_alive) {
+            if let Ok(guest) = self.wait_for_guest(&paths, vmm, ADOPT_DEADLINE).await {
+                self.guests
+                    .lock()
+                    .map(|mut g| g.insert(session.clone(), guest.clone()))
+                    .ok();
+                return Ok(Some(Sandbox {
+                    guest,
+                    init_pid: vmm.pid as u32,
+                }));
+            }
+        }
+        self.stop_inner(session)
+            .await
+            .map_err(|e| io_error("adopt", session, e))?;
+        Ok(None)
+    }
+
+    async fn is_alive(&self, session_id: &str) -> bool {
+        let alive = self.vmm_of(session_id).is_some_and(|v| v.is_alive());
+        if alive {
+            Self::trim_console(&self.paths(session_id));
+        }
+        alive
+    }
+
+    async fn exit_reason(&self, session_id: &str) -> &'static str {
+        self.exit_reason_of(session_id)
+    }
+
+    async fn stop(&self, session_id: &str) -> Result<(), DriverError> {
+        self.stop_inner(session_id)
+            .await
+            .map_err(|e| io_error("stop", session_id, e))
+    }
+
+    /// The VMM's cgroup: CPU of vCPUs and device emulation, peak host memory.
+    async fn stats(&self, session_id: &str) -> Option<SandboxStats> {
+        check_session_id(session_id).ok()?;
+        let paths = self.paths(session_id);
+        if !paths.dir.exists() {
+            return None;
+        }
+        SandboxCgroup::new(&paths.cgroup).stats()
+    }
+
+    async fn workspace_bytes(&self, session_id: &str) -> u64 {
+        if check_session_id(session_id).is_err() {
+            return 0;
+        }
+        volume::used_bytes(&self.workspace_image(session_id), None)
+    }
+
+    async fn delete_workspace(&self, session_id: &str) -> Result<(), DriverError> {
+        let op = "delete workspace";
+        check_session_id(session_id).map_err(|e| io_error(op, session_id, e.into()))?;
+        if self.paths(session_id).dir.exists() {
+            return Err(io_error(op, session_id, VmError::Running));
+        }
+        volume::delete(&self.workspace_image(session_id))
+            .map_err(|e| io_error(op, session_id, e.into()))
+    }
+
+    async fn leftovers(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.vm_dir()) else {
+            return vec![];
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| check_session_id(id).is_ok())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn workspace_image(&self, session_id: &str) -> PathBuf {
+        MicroVmDriver::workspace_image(self, session_id)
+    }
+}

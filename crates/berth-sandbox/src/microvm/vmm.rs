@@ -1,0 +1,192 @@
+//! The virtual machine monitor behind the microVM driver. QEMU's `microvm` machine is
+//! the one Debian ships; Firecracker or Cloud Hypervisor fit behind [`Vmm`] where their
+//! binaries exist (both boot the same `vmlinux` + initramfs and take virtio-blk disks;
+//! their host↔guest channel is vsock, which the guest would then serve instead).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// How the guest's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation: the production mode.
+    Kvm,
+    /// Software emulation: slow (seconds to boot), for development and tests only.
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// One VM to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Shared read-only root filesystem image (guest finds it by serial `berth-root`).
+    pub rootfs: PathBuf,
+    /// The session's workspace image (serial `berth-ws`).
+    pub workspace: PathBuf,
+    /// Unix socket the VMM listens on for the guest protocol channel.
+    pub channel: PathBuf,
+    /// Where the guest console (kernel messages, agent log) is appended.
+    pub console_log: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+}
+
+/// Serial numbers the guest uses to tell its disks apart (`/sys/block/vd*/serial`).
+pub const ROOT_SERIAL: &str = "berth-root";
+pub const WORKSPACE_SERIAL: &str = "berth-ws";
+/// Name of the virtio-serial port carrying the guest protocol.
+pub const CHANNEL_NAME: &str = "berth.0";
+
+pub trait Vmm: Send + Sync + 'static {
+    /// Short name for logs and `server --info`.
+    fn name(&self) -> &'static str;
+    /// The command that boots `spec` in the foreground (the driver detaches it).
+    fn command(&self, spec: &VmSpec) -> Command;
+}
+
+/// QEMU's `microvm` machine (`qemu-system-x86_64`).
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+}
+
+impl Qemu {
+    /// Whether the binary can be run at all (`--version`).
+    pub fn available(&self) -> bool {
+        Command::new(&self.binary)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+fn arg(path: &Path) -> String {
+    // QEMU option values are comma-separated; a comma in a path is written twice.
+    path.to_string_lossy().replace(',', ",,")
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu-microvm"
+    }
+
+    fn command(&self, spec: &VmSpec) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        // `acpi=on`: this kernel finds virtio-mmio devices only through ACPI (it lacks
+        // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); see ../shared/notes/microvm-facts.md.
+        cmd.args([
+            "-M",
+            &format!("microvm,accel={},acpi=on", spec.accel.name()),
+        ])
+        .args([
+            "-cpu",
+            if spec.accel == Accel::Kvm {
+                "host"
+            } else {
+                "max"
+            },
+        ])
+        .args(["-smp", &spec.vcpus.max(1).to_string()])
+        .args(["-m", &format!("{}M", spec.memory_mib.max(128))])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        // No QEMU monitor on stdio, no network device: loopback only inside.
+        .args(["-monitor", "none", "-nic", "none"])
+        .args(["-kernel", &arg(&spec.kernel)])
+        .args(["-initrd", &arg(&spec.initrd)])
+        .args(["-append", &spec.cmdline])
+        .args([
+            "-chardev",
+            &format!("file,id=con,path={},append=on", arg(&spec.console_log)),
+            "-serial",
+            "chardev:con",
+        ])
+        .args([
+            "-drive",
+            &format!(
+                "id=root,file={},format=raw,if=none,readonly=on",
+                arg(&spec.rootfs)
+            ),
+            "-device",
+            &format!("virtio-blk-device,drive=root,serial={ROOT_SERIAL}"),
+        ])
+        .args([
+            "-drive",
+            &format!("id=ws,file={},format=raw,if=none", arg(&spec.workspace)),
+            "-device",
+            &format!("virtio-blk-device,drive=ws,serial={WORKSPACE_SERIAL}"),
+        ])
+        .args([
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &format!(
+                "socket,id=ch0,path={},server=on,wait=off",
+                arg(&spec.channel)
+            ),
+            "-device",
+            &format!("virtserialport,chardev=ch0,name={CHANNEL_NAME}"),
+        ]);
+        cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_command_line() {
+        let spec = VmSpec {
+            kernel: "/d/images/x/vmlinux".into(),
+            initrd: "/d/images/x/initramfs.cpio".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            rootfs: "/d/images/x/rootfs.ext4".into(),
+            workspace: "/d/work,spaces/s.ext4".into(),
+            channel: "/d/vm/.sock/ab".into(),
+            console_log: "/d/vm/s/console.log".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            accel: Accel::Tcg,
+        };
+        let cmd = Qemu::default().command(&spec);
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-M microvm,accel=tcg,acpi=on"), "{joined}");
+        assert!(joined.contains("-smp 2 -m 512M"), "{joined}");
+        assert!(
+            joined.contains("file=/d/work,,spaces/s.ext4"),
+            "commas doubled"
+        );
+        assert!(joined.contains("serial=berth-root") && joined.contains("serial=berth-ws"));
+        assert!(joined.contains("readonly=on"));
+        assert!(joined.contains("name=berth.0"));
+        let append = args.iter().position(|a| a == "-append").expect("append");
+        assert_eq!(args[append + 1], "console=ttyS0 quiet");
+    }
+}
