@@ -31,6 +31,8 @@ use crate::volume;
 const VMM_OVERHEAD: u64 = 256 << 20;
 /// Bound on threads of one VMM (vCPUs, I/O workers): a guest cannot fork on the host.
 const VMM_PIDS: u64 = 256;
+/// How long the KVM probe may take to boot the guest (KVM boots in well under a second).
+const PROBE_DEADLINE: Duration = Duration::from_secs(20);
 /// How long `adopt` gives a guest that is already up to serve a new connection.
 const ADOPT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long `stop` waits for the VMM to exit after the guest's shutdown, then kills it.
@@ -56,6 +58,15 @@ pub trait GuestImages: Send + Sync + 'static {
     /// The built image for a runtime's `image` (`host` or a rootfs directory), or a
     /// one-line message saying how to build it.
     fn find(&self, image: &str) -> Result<GuestImage, String>;
+}
+
+/// One known image (the KVM probe's).
+struct Fixed(GuestImage);
+
+impl GuestImages for Fixed {
+    fn find(&self, _image: &str) -> Result<GuestImage, String> {
+        Ok(self.0.clone())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,7 +153,8 @@ pub struct MicroVmDriver {
     config: MicroVmConfig,
     vmm: Arc<dyn Vmm>,
     images: Arc<dyn GuestImages>,
-    accel: Accel,
+    /// Fixed by the operator, or probed on the first boot (see [`Self::probe_kvm`]).
+    accel: tokio::sync::OnceCell<Accel>,
     /// The guest connection of every running VM: QEMU's channel socket serves one
     /// client at a time, so the driver shares the core's connection instead of
     /// opening its own.
@@ -154,28 +166,103 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl MicroVmDriver {
+    /// `accel: None` probes KVM on the first boot and falls back to TCG.
     pub fn new(
         config: MicroVmConfig,
         vmm: Arc<dyn Vmm>,
         images: Arc<dyn GuestImages>,
-        accel: Accel,
+        accel: Option<Accel>,
     ) -> std::io::Result<Self> {
-        let vm = config.data_dir.join("vm");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(vm.join(".sock"))?;
+        let mut dirs = fs::DirBuilder::new();
+        dirs.recursive(true).mode(0o700);
+        dirs.create(config.data_dir.join("vm/.sock"))?;
+        dirs.create(config.data_dir.join("workspaces"))?;
         Ok(Self {
             config,
             vmm,
             images,
-            accel,
+            accel: tokio::sync::OnceCell::new_with(accel),
             guests: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn accel(&self) -> Accel {
-        self.accel
+    /// The accelerator in use, once known.
+    pub fn accel(&self) -> Option<Accel> {
+        self.accel.get().copied()
+    }
+
+    /// KVM when it really boots the guest, else TCG (decided once, on first use).
+    pub async fn resolve_accel(&self, image: &GuestImage) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                match self.probe_kvm(image).await {
+                    Ok(boot) => {
+                        tracing::info!(?boot, "microVMs use KVM");
+                        Accel::Kvm
+                    }
+                    Err(why) => {
+                        tracing::warn!(
+                            "microVMs use TCG (software emulation, slow: for development and \
+                             tests only) because KVM cannot boot the guest here: {why}"
+                        );
+                        Accel::Tcg
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Boot `image` once under KVM with a deadline: some nested hosts expose a
+    /// `/dev/kvm` that answers ioctls but fails mid-boot on Linux guests.
+    pub async fn probe_kvm(&self, image: &GuestImage) -> Result<Duration, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/kvm")
+            .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+        let dir = self.config.data_dir.join("vm-probe");
+        let _ = fs::remove_dir_all(&dir);
+        let probe = MicroVmDriver::new(
+            MicroVmConfig {
+                data_dir: dir.clone(),
+                boot_deadline: PROBE_DEADLINE,
+            },
+            self.vmm.clone(),
+            Arc::new(Fixed(image.clone())),
+            Some(Accel::Kvm),
+        )
+        .map_err(|e| format!("cannot prepare {}: {e}", dir.display()))?;
+        let mut runtime: RuntimeSpec =
+            serde_json::from_value(serde_json::json!({"name": "kvm-probe"}))
+                .map_err(|e| e.to_string())?;
+        runtime.memory = 256 << 20;
+        runtime.workspace_size = 0;
+        let req = SandboxRequest {
+            session_id: "kvm-probe".into(),
+            runtime,
+            uid_slot: 0,
+        };
+        let started = Instant::now();
+        let result = probe.start_inner(&req, Accel::Kvm).await;
+        let boot = started.elapsed();
+        if let Ok(sandbox) = &result {
+            let mut guest = sandbox.guest.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                guest.shutdown(berth_guest::proto::Empty {}),
+            )
+            .await;
+        }
+        let _ = probe.stop_inner("kvm-probe").await;
+        let _ = fs::remove_dir_all(&dir);
+        result.map(|_| boot).map_err(|e| {
+            let mut msg = format!("{e}");
+            msg.truncate(600);
+            msg
+        })
     }
 
     pub fn vmm_name(&self) -> &'static str {
@@ -232,6 +319,7 @@ impl MicroVmDriver {
         req: &SandboxRequest,
         image: &GuestImage,
         paths: &VmPaths,
+        accel: Accel,
     ) -> Result<VmSpec, VmError> {
         let rt = &req.runtime;
         let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -250,11 +338,11 @@ impl MicroVmDriver {
             console_log: paths.console(),
             vcpus,
             memory_mib: (rt.memory >> 20).max(128),
-            accel: self.accel,
+            accel,
         })
     }
 
-    async fn start_inner(&self, req: &SandboxRequest) -> Result<Sandbox, VmError> {
+    async fn start_inner(&self, req: &SandboxRequest, accel: Accel) -> Result<Sandbox, VmError> {
         let t0 = Instant::now();
         let session = &req.session_id;
         check_session_id(session)?;
@@ -286,7 +374,7 @@ impl MicroVmDriver {
             .create(&paths.dir)
             .map_err(prep(&paths.dir))?;
         let _ = fs::remove_file(&paths.channel);
-        let spec = self.spec(req, &image, &paths)?;
+        let spec = self.spec(req, &image, &paths, accel)?;
         let cgroup = SandboxCgroup::new(&paths.cgroup);
         cgroup
             .create(&CgroupLimits {
@@ -319,7 +407,7 @@ impl MicroVmDriver {
         let guest = self
             .wait_for_guest(&paths, vmm, self.config.boot_deadline)
             .await?;
-        tracing::debug!(session = %session, accel = self.accel.name(), boot = ?t0.elapsed(), "microvm ready");
+        tracing::debug!(session = %session, accel = accel.name(), boot = ?t0.elapsed(), "microvm ready");
         self.guests
             .lock()
             .map(|mut g| g.insert(session.clone(), guest.clone()))
@@ -493,7 +581,11 @@ impl Driver for MicroVmDriver {
 
     async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
         self.validate(&req.runtime)?;
-        match self.start_inner(req).await {
+        let accel = match self.images.find(&req.runtime.image) {
+            Ok(image) => self.resolve_accel(&image).await,
+            Err(_) => Accel::Tcg, // start_inner reports the missing image
+        };
+        match self.start_inner(req, accel).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Err(stop) = self.stop_inner(&req.session_id).await {
