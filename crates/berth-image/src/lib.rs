@@ -1,0 +1,501 @@
+//! MicroVM images: a guest kernel (`vmlinux`), an initramfs whose `/init` is berth,
+//! and a read-only ext4 root filesystem, built into `<data-dir>/images/<name>/` and
+//! described by its `manifest.json`. The contract with the guest and the QEMU driver
+//! is in `docs/design/microvm-image.md`; [`Image::open`] is how the driver reads an
+//! image.
+//!
+//! [`build`] skips all work when every input (kernel package, berth binary and its
+//! libraries, the rootfs source listing, the options) hashes as the existing image's.
+
+pub mod cache;
+pub mod cpio;
+pub mod elf;
+pub mod hostfs;
+pub mod initramfs;
+pub mod kernel;
+pub mod libs;
+pub mod manifest;
+pub mod modules;
+pub mod rootfs;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use manifest::{Image, Manifest, ManifestError};
+pub use rootfs::{Source, DEFAULT_HOST_EXCLUDES};
+
+use cache::{sha256_file, sha256_hex, HashMemo, Lock};
+use manifest::{Artifact, Artifacts, InitInfo, KernelInfo, SourceInfo};
+
+/// Names that `images/` already uses for other things.
+const RESERVED_NAMES: &[&str] = &["cache", "host-skeleton", "berth"];
+/// Bumped whenever the artifacts change for the same inputs.
+const BUILD_LAYOUT: &str = "image-v1";
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub source: Source,
+    /// Paths inside the image to leave empty (directories) or empty out (files).
+    pub excludes: Vec<String>,
+    /// Add [`DEFAULT_HOST_EXCLUDES`] when building from the host.
+    pub default_excludes: bool,
+    /// The program that becomes `/init`: the running berth binary.
+    pub init: PathBuf,
+    /// Remove debug sections from the `/init` copy.
+    pub strip_init: bool,
+    /// Rebuild even when the inputs are unchanged.
+    pub force: bool,
+    /// The meta package naming the kernel, normally [`kernel::META_PACKAGE`].
+    pub kernel_meta: String,
+}
+
+impl BuildRequest {
+    pub fn new(data_dir: PathBuf, name: String, source: Source, init: PathBuf) -> Self {
+        Self {
+            data_dir,
+            name,
+            source,
+            excludes: vec![],
+            default_excludes: true,
+            init,
+            strip_init: true,
+            force: false,
+            kernel_meta: kernel::META_PACKAGE.into(),
+        }
+    }
+}
+
+/// Where a build is; the CLI draws it.
+pub trait Progress: Sync {
+    /// Step `index` of `total` (1-based) starts.
+    fn step(&self, index: usize, total: usize, what: &str);
+    /// Bytes done within the current step.
+    fn bytes(&self, _done: u64, _total: u64) {}
+    /// A remark worth its own line.
+    fn note(&self, _text: &str) {}
+}
+
+/// No progress output.
+pub struct Quiet;
+impl Progress for Quiet {
+    fn step(&self, _: usize, _: usize, _: &str) {}
+}
+
+#[derive(Debug)]
+pub struct BuildOutcome {
+    pub image: Image,
+    /// True when the existing image already matched the inputs.
+    pub cached: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("image name {0:?} is not allowed: use 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit (and not cache, host-skeleton, berth)")]
+    Name(String),
+    #[error("cannot {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot get the guest kernel")]
+    Kernel(#[from] kernel::KernelError),
+    #[error("cannot build the initramfs")]
+    Initramfs(#[from] initramfs::InitramfsError),
+    #[error("cannot build the root filesystem")]
+    Rootfs(#[from] rootfs::RootfsError),
+    #[error("the finished image does not check out")]
+    Verify(#[from] ManifestError),
+    #[error("the build thread panicked")]
+    Panicked,
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        what,
+        path: path.into(),
+        source,
+    }
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && !RESERVED_NAMES.contains(&name)
+}
+
+/// Build (or find up to date) the image `req.name`. Runs on a thread of its own,
+/// which gets a private mount namespace for assembling the rootfs.
+pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcome, BuildError> {
+    if !valid_name(&req.name) {
+        return Err(BuildError::Name(req.name.clone()));
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rootfs::enter_private_mount_namespace()?;
+            build_here(req, progress)
+        })
+        .join()
+        .unwrap_or(Err(BuildError::Panicked))
+    })
+}
+
+const STEPS: usize = 5;
+
+fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcome, BuildError> {
+    let images = req.data_dir.join("images");
+    let cache_dir = images.join("cache");
+    for (dir, mode) in [
+        (&req.data_dir, 0o700),
+        (&images, 0o711),
+        (&cache_dir, 0o700),
+    ] {
+        match fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create", dir)(e)),
+        }
+    }
+    for sub in ["debs", "kernel", "locks"] {
+        let d = cache_dir.join(sub);
+        fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+    }
+    let locks = cache_dir.join("locks");
+    let lock_path = locks.join(format!("{}.lock", req.name));
+    let _lock = Lock::acquire(&lock_path, &|| {
+        progress.note(&format!("waiting for another build of image {}", req.name))
+    })
+    .map_err(io_err("lock", &lock_path))?;
+    remove_stale_builds(&images, &req.name);
+
+    // 1. kernel
+    progress.step(1, STEPS, "guest kernel");
+    let kernel = {
+        let kernel_lock = locks.join("kernel.lock");
+        let _k = Lock::acquire(&kernel_lock, &|| {
+            progress.note("waiting for another build's kernel download")
+        })
+        .map_err(io_err("lock", &kernel_lock))?;
+        let pkg = kernel::resolve(&req.kernel_meta, &cache_dir)?;
+        let deb = cache_dir.join("debs").join(format!("{}.deb", pkg.sha256));
+        if !deb.is_file() {
+            progress.note(&format!("downloading {} {}", pkg.package, pkg.version));
+        }
+        let deb = kernel::fetch(&pkg, &cache_dir)?;
+        kernel::extract(&pkg, &deb, &cache_dir)?
+    };
+
+    // 2. inputs
+    progress.step(2, STEPS, "hashing inputs");
+    let mut memo = HashMemo::load(&cache_dir.join("hashes.json"));
+    let init_sha = memo.sha256(&req.init).map_err(io_err("read", &req.init))?;
+    memo.save();
+    let libraries = libs::needed(&req.init).map_err(|source| initramfs::InitramfsError::Libs {
+        init: req.init.clone(),
+        source,
+    })?;
+    let mut libs_listing = String::new();
+    for lib in &libraries {
+        let m = fs::metadata(&lib.source).map_err(io_err("inspect", &lib.source))?;
+        libs_listing.push_str(&format!(
+            "{} {} {} {}.{} {}.{}\n",
+            lib.path.display(),
+            lib.source.display(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ));
+    }
+    let mut excludes: Vec<String> = Vec::new();
+    if req.source == Source::Host && req.default_excludes {
+        excludes.extend(DEFAULT_HOST_EXCLUDES.iter().map(|s| (*s).to_owned()));
+    }
+    excludes.extend(
+        req.excludes
+            .iter()
+            .map(|e| e.trim_end_matches('/').to_owned()),
+    );
+    excludes.sort();
+    excludes.dedup();
+
+    let build_dir = images.join(format!(".build.{}.{}", std::process::id(), req.name));
+    let _ = fs::remove_dir_all(&build_dir);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&build_dir)
+        .map_err(io_err("create", &build_dir))?;
+    let guard = BuildDirGuard(&build_dir);
+    let staging = build_dir.join("staging");
+    fs::create_dir(&staging).map_err(io_err("create", &staging))?;
+    let staged = rootfs::stage(&req.source, &excludes, &staging, &build_dir);
+    let staged = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            rootfs::unstage(&staging);
+            return Err(e.into());
+        }
+    };
+    let input = format!(
+        "{BUILD_LAYOUT}\n{}\nkernel {} {}\nmodules {}\ninit {} strip={}\n{libs_listing}rootfs {} {}\n",
+        initramfs::DIRS.iter().map(|(d, m)| format!("{d}:{m:o}")).collect::<Vec<_>>().join(","),
+        kernel.package.sha256,
+        kernel.release,
+        kernel::GUEST_MODULES.join(","),
+        init_sha,
+        req.strip_init,
+        rootfs::LAYOUT,
+        staged.listing_sha256,
+    );
+    let input_sha256 = sha256_hex(input.as_bytes());
+    let final_dir = images.join(&req.name);
+    if !req.force {
+        if let Ok(image) = Image::open_dir(&final_dir) {
+            if image.manifest.input_sha256 == input_sha256 {
+                rootfs::unstage(&staging);
+                drop(guard);
+                return Ok(BuildOutcome {
+                    image,
+                    cached: true,
+                });
+            }
+        }
+    }
+
+    // 3. initramfs
+    progress.step(3, STEPS, "initramfs");
+    let initramfs_path = build_dir.join(manifest::INITRAMFS);
+    let contents = match initramfs::write(&initramfs_path, &req.init, req.strip_init, &kernel) {
+        Ok(c) => c,
+        Err(e) => {
+            rootfs::unstage(&staging);
+            return Err(e.into());
+        }
+    };
+
+    // 4. rootfs
+    progress.step(
+        4,
+        STEPS,
+        &format!(
+            "rootfs.ext4 ({} entries, {})",
+            staged.entries,
+            human_bytes(staged.content_bytes)
+        ),
+    );
+    let rootfs_path = build_dir.join(manifest::ROOTFS);
+    let made = rootfs::mkfs(&staged, &rootfs_path, &|done, total| {
+        progress.bytes(done, total)
+    });
+    rootfs::unstage(&staging);
+    made?;
+    fs::remove_dir(&staging).map_err(io_err("remove", &staging))?;
+    let _ = fs::remove_file(build_dir.join("empty"));
+
+    // 5. finish
+    progress.step(5, STEPS, "hashing artifacts");
+    let vmlinux_path = build_dir.join(manifest::VMLINUX);
+    if fs::hard_link(&kernel.vmlinux, &vmlinux_path).is_err() {
+        fs::copy(&kernel.vmlinux, &vmlinux_path).map_err(io_err("copy", &kernel.vmlinux))?;
+    }
+    let artifact = |path: &Path, format: &str| -> Result<Artifact, BuildError> {
+        let size = fs::metadata(path).map_err(io_err("inspect", path))?.len();
+        Ok(Artifact {
+            path: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: sha256_file(path).map_err(io_err("read", path))?,
+            size,
+            format: format.into(),
+        })
+    };
+    for p in [&rootfs_path, &initramfs_path] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", p))?;
+    }
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        name: req.name.clone(),
+        input_sha256,
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        kernel: KernelInfo {
+            package: kernel.package.package.clone(),
+            version: kernel.package.version.clone(),
+            deb_sha256: kernel.package.sha256.clone(),
+            release: kernel.release.clone(),
+            modules: contents.modules.clone(),
+        },
+        init: InitInfo {
+            source: req.init.clone(),
+            sha256: init_sha,
+            stripped: contents.stripped,
+            libraries: contents.libraries.iter().map(|l| l.path.clone()).collect(),
+        },
+        source: SourceInfo {
+            kind: match req.source {
+                Source::Host => "host".into(),
+                Source::Dir(_) => "dir".into(),
+            },
+            path: match &req.source {
+                Source::Host => PathBuf::from("/"),
+                Source::Dir(d) => d.clone(),
+            },
+            excluded: staged.excluded.clone(),
+            masked: staged.masked.clone(),
+        },
+        artifacts: Artifacts {
+            vmlinux: artifact(&vmlinux_path, "elf")?,
+            initramfs: artifact(&initramfs_path, "cpio-newc")?,
+            rootfs: artifact(&rootfs_path, "ext4")?,
+        },
+    };
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| io_err("encode", &build_dir)(io::Error::other(e)))?;
+    cache::write_atomic(&build_dir.join(manifest::MANIFEST), &json)
+        .map_err(io_err("write the manifest in", &build_dir))?;
+    sync_dir(&build_dir)?;
+    publish(&build_dir, &final_dir)?;
+    std::mem::forget(guard);
+    Ok(BuildOutcome {
+        image: Image::open_dir(&final_dir)?,
+        cached: false,
+    })
+}
+
+/// Move the finished build into place in one step: an atomic exchange with the old
+/// image when there is one (readers see the old or the new image, never a mix).
+fn publish(build_dir: &Path, final_dir: &Path) -> Result<(), BuildError> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    let exchanged = renameat2(
+        None,
+        build_dir,
+        None,
+        final_dir,
+        RenameFlags::RENAME_EXCHANGE,
+    );
+    match exchanged {
+        Ok(()) => {
+            // build_dir now holds the old image.
+            let _ = fs::remove_dir_all(build_dir);
+        }
+        Err(nix::Error::ENOENT) => {
+            fs::rename(build_dir, final_dir).map_err(io_err("rename into place", final_dir))?
+        }
+        Err(e) => return Err(io_err("swap in", final_dir)(io::Error::from(e))),
+    }
+    if let Some(parent) = final_dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BuildError> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("sync", dir))
+}
+
+/// Removes an unfinished build dir on every early return.
+struct BuildDirGuard<'a>(&'a Path);
+impl Drop for BuildDirGuard<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.0);
+    }
+}
+
+/// Build dirs of `name` left by killed builds (the caller holds the name's lock, so
+/// none is in progress).
+fn remove_stale_builds(images: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(images) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(".build.") else {
+            continue;
+        };
+        if rest
+            .split_once('.')
+            .is_some_and(|(pid, n)| n == name && pid.bytes().all(|b| b.is_ascii_digit()))
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["host", "debian-12", "a.b_c", "x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "cache",
+            "host-skeleton",
+            "berth",
+            "a b",
+            &"x".repeat(65),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stale_builds_of_this_name_only() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        for d in [".build.12.a", ".build.13.a-b", ".build.x.a", "a"] {
+            fs::create_dir(tmp.path().join(d)).expect("mkdir");
+        }
+        remove_stale_builds(tmp.path(), "a");
+        let mut left: Vec<String> = fs::read_dir(tmp.path())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".build.13.a-b", ".build.x.a", "a"]);
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}
