@@ -135,6 +135,39 @@ pub fn valid_name(name: &str) -> bool {
         && !RESERVED_NAMES.contains(&name)
 }
 
+/// The image name for a source when none is given: `host`, or for a directory (pass
+/// it canonicalized) its name made safe plus 8 hex digits of its path's SHA-256, so two
+/// trees called `rootfs` get different images. The microVM driver finds the image of
+/// a runtime with `--image DIR` under this name.
+pub fn default_name(source: &Source) -> String {
+    match source {
+        Source::Host => "host".into(),
+        Source::Dir(dir) => {
+            let base: String = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(40)
+                .collect();
+            let base = base.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+            let hash = &sha256_hex(dir.as_os_str().as_encoded_bytes())[..8];
+            if base.is_empty() {
+                format!("dir-{hash}")
+            } else {
+                format!("{base}-{hash}")
+            }
+        }
+    }
+}
+
 /// Build (or find up to date) the image `req.name`. Runs on a thread of its own,
 /// which gets a private mount namespace for assembling the rootfs.
 pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcome, BuildError> {
@@ -491,6 +524,22 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, [".build.13.a-b", ".build.x.a", "a"]);
+    }
+
+    #[test]
+    fn default_names_are_valid_and_distinct() {
+        assert_eq!(default_name(&Source::Host), "host");
+        let a = default_name(&Source::Dir("/srv/a/rootfs".into()));
+        let b = default_name(&Source::Dir("/srv/b/rootfs".into()));
+        assert!(
+            a.starts_with("rootfs-") && a.len() == "rootfs-".len() + 8,
+            "{a}"
+        );
+        assert_ne!(a, b);
+        for odd in ["/", "/srv/.hidden tree", "/srv/cache"] {
+            let n = default_name(&Source::Dir(odd.into()));
+            assert!(valid_name(&n), "{odd} -> {n}");
+        }
     }
 
     #[test]

@@ -419,6 +419,8 @@ struct Walk {
     hasher: Sha256,
     entries: u64,
     bytes: u64,
+    /// Hard-linked files already counted (mkfs stores them once).
+    links: std::collections::HashSet<(u64, u64)>,
 }
 
 impl Walk {
@@ -466,7 +468,9 @@ impl Walk {
         self.entries += 1;
         let block = 4096;
         let kind = meta.file_type();
-        if kind.is_file() || kind.is_dir() {
+        let repeat_link =
+            kind.is_file() && meta.nlink() > 1 && !self.links.insert((meta.dev(), meta.ino()));
+        if (kind.is_file() && !repeat_link) || kind.is_dir() {
             self.bytes += meta
                 .size()
                 .max(if kind.is_dir() { block } else { 0 })

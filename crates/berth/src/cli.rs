@@ -59,6 +59,72 @@ pub enum Command {
     /// List, kill and fetch recordings of a session's interactive shells.
     #[command(subcommand)]
     Shell(ShellCmd),
+    /// Build microVM images (guest kernel, initramfs, root filesystem).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Build a microVM image, or find it up to date.
+    #[command(long_about = IMAGE_BUILD_ABOUT)]
+    Build(ImageBuildArgs),
+}
+
+const IMAGE_BUILD_ABOUT: &str = "\
+Build a microVM image into <data-dir>/images/<name>/, or find it up to date.
+
+An image is three files and a manifest.json that lists them with their SHA-256:
+  vmlinux         the guest kernel: Debian's linux-image-cloud-amd64 (the concrete
+                  package it depends on), fetched with `apt-get download`, unpacked
+                  with `dpkg-deb -x` (never installed on this host), decompressed
+                  out of vmlinuz
+  initramfs.cpio  uncompressed newc cpio: /init = this berth binary (debug sections
+                  stripped unless --no-strip), the shared libraries it needs, the
+                  virtio and overlay kernel modules in /lib/modules/berth/ with their
+                  load order in /lib/modules/berth/order
+  rootfs.ext4     read-only ext4 (label berth-root) made from --from:
+                  host  the host's /usr, /bin, /sbin, /lib*, /etc, with the same /etc
+                        secrets masked as in namespace sandboxes (shadow, sudoers, ssh
+                        host keys, anything not world-readable), minus the default
+                        excludes; empty /root, /home, /tmp, /var/tmp, /mnt/workspace...
+                  DIR   that directory as /, e.g. a debootstrap tree
+
+The build is skipped, in well under a second, when nothing changed: the kernel
+package, this binary and its libraries, and the rootfs source (paths, sizes, modes,
+owners and times, not contents) hash as before. Downloads and extracted kernels are
+cached in <data-dir>/images/cache/ (safe to delete). A killed build leaves no
+half-written image: everything is built in a temp dir and swapped into place.
+
+Needs root: the rootfs is assembled with bind mounts in a private mount namespace,
+which nothing outside the build sees.";
+
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    /// Root filesystem source: `host`, or a directory to use as the guest's `/`.
+    #[arg(long, default_value = "host", value_name = "host|DIR")]
+    pub from: String,
+    /// Image name [default: `host`, or for a DIR `<dir name>-<hash of its path>`, the
+    /// name the microVM driver looks up for a runtime with `--image DIR`].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Leave this path of the image empty (a directory) or zero-length (a file);
+    /// repeatable, e.g. --exclude /usr/lib/jvm.
+    #[arg(long, value_name = "PATH")]
+    pub exclude: Vec<String>,
+    /// With --from host, keep what is excluded by default: /usr/lib/google-cloud-sdk,
+    /// /usr/share/{doc,man,info}, /usr/lib/debug.
+    #[arg(long)]
+    pub no_default_excludes: bool,
+    /// Copy the berth binary to /init as is, debug sections included.
+    #[arg(long)]
+    pub no_strip: bool,
+    /// Rebuild even if the inputs are unchanged.
+    #[arg(long)]
+    pub force: bool,
+    /// Berth's data dir; the image goes to <data-dir>/images/<name>/.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = crate::cmd::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,6 +3,7 @@
 mod admin;
 mod cp;
 mod exec;
+mod image;
 mod server;
 mod shell;
 
@@ -31,6 +32,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Runtime(cmd) => admin::runtime(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Session(cmd) => admin::session(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Shell(cmd) => shell::command(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::Image(cmd) => image::run(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Background tasks (e.g. a reader blocked on stdin) must not keep the process alive.
