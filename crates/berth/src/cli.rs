@@ -251,12 +251,32 @@ pub enum RuntimeCmd {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum IsolationArg {
+    Namespace,
+    Microvm,
+}
+
+impl From<IsolationArg> for berth_api::Isolation {
+    fn from(arg: IsolationArg) -> Self {
+        match arg {
+            IsolationArg::Namespace => berth_api::Isolation::Namespace,
+            IsolationArg::Microvm => berth_api::Isolation::Microvm,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RuntimeCreateArgs {
     pub name: String,
     /// `host` (host system dirs read-only, secrets masked) or a rootfs directory.
     #[arg(long, default_value = "host")]
     pub image: String,
+    /// How sessions are isolated: `namespace` (Linux namespaces, shared kernel) or
+    /// `microvm` (one QEMU microVM per session with its own kernel; build its guest
+    /// image first with `berth image build --from host|DIR` on the server).
+    #[arg(long, value_enum, default_value = "namespace")]
+    pub isolation: IsolationArg,
     /// Where the persistent workspace is mounted inside the sandbox.
     #[arg(long, default_value = "/mnt/workspace")]
     pub workspace_path: String,

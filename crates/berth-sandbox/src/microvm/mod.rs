@@ -86,17 +86,6 @@ impl MicroVmConfig {
     }
 }
 
-/// What the guest needs to know about its session, passed on the kernel command line
-/// as `berth.config=<base64url(JSON)>` (the guest has no other channel before its
-/// agent serves).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct GuestConfig {
-    pub hostname: String,
-    pub workspace_path: String,
-    pub env: std::collections::BTreeMap<String, String>,
-    pub pids: u64,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("invalid session id")]
@@ -292,22 +281,31 @@ impl MicroVmDriver {
             .join(format!("{session}.ext4"))
     }
 
-    fn cmdline(req: &SandboxRequest) -> Result<String, VmError> {
+    /// The guest learns its session's settings from the kernel command line (it has no
+    /// other channel before its agent serves): `berth.hostname`, `berth.workspace_path`
+    /// and the runtime's env as `berth.env=<base64url(JSON object)>`.
+    fn cmdline(req: &SandboxRequest, accel: Accel) -> Result<String, VmError> {
         let rt = &req.runtime;
-        let config = GuestConfig {
-            hostname: crate::namespace::spec::hostname(&req.session_id),
-            workspace_path: rt.workspace_path.clone(),
-            env: rt.env.clone(),
-            pids: rt.pids,
-        };
-        let json = serde_json::to_vec(&config).unwrap_or_default();
-        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
         // `panic=-1`: a guest kernel panic reboots, which `-no-reboot` turns into the
         // VMM exiting, so the host sees it.
-        let line = format!(
-            "console=ttyS0 panic=-1 quiet berth.workspace_path={} berth.config={encoded}",
+        let mut line = format!(
+            "console=ttyS0 panic=-1 quiet berth.hostname={} berth.workspace_path=\"{}\"",
+            crate::namespace::spec::hostname(&req.session_id),
             rt.workspace_path
         );
+        if !rt.env.is_empty() {
+            let json = serde_json::to_vec(&rt.env).unwrap_or_default();
+            let env = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+            line.push_str(&format!(" berth.env={env}"));
+        }
+        if accel == Accel::Tcg {
+            // Under TCG the guest's TSC calibration against the PIT fails on a loaded
+            // host and, with no other clocksource on `microvm`, the boot can stall for
+            // good; the guest TSC runs at the host's rate, so tell it that rate.
+            if let Some(khz) = host_tsc_khz() {
+                line.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+        }
         if line.len() > MAX_CMDLINE {
             return Err(VmError::Cmdline(line.len()));
         }
@@ -331,7 +329,7 @@ impl MicroVmDriver {
         Ok(VmSpec {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
-            cmdline: Self::cmdline(req)?,
+            cmdline: Self::cmdline(req, accel)?,
             rootfs: image.rootfs.clone(),
             workspace: self.workspace_image(&req.session_id),
             channel: paths.channel.clone(),
@@ -540,6 +538,19 @@ impl MicroVmDriver {
     }
 }
 
+/// The host TSC's rate in kHz (`cpu MHz` of /proc/cpuinfo: close enough for the
+/// guest's early calibration).
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz")?.split(':').nth(1))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
 fn start_error(session: &str, e: VmError) -> DriverError {
     DriverError::Start {
         session: session.to_string(),
@@ -563,6 +574,12 @@ impl Driver for MicroVmDriver {
 
     fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError> {
         crate::namespace::validate::check(runtime, &self.config.data_dir)?;
+        if runtime.workspace_path.contains(['"', '\\']) {
+            return Err(DriverError::InvalidRuntime {
+                field: "workspace_path",
+                message: "a microVM workspace path cannot contain '\"' or '\\'".into(),
+            });
+        }
         if !runtime.mounts.is_empty() {
             return Err(DriverError::InvalidRuntime {
                 field: "mounts",

@@ -17,15 +17,19 @@ pub async fn runtime(cmd: RuntimeCmd) -> anyhow::Result<()> {
         RuntimeCmd::List { remote } => {
             let list = client(&remote)?.list_runtimes().await.map_err(explain)?;
             println!(
-                "{:<20} {:<24} {:>9} {:>9} {:>6} {:>6} {:>8}",
-                "NAME", "IMAGE", "WORKSPACE", "MEMORY", "PIDS", "IDLE", "LIFETIME"
+                "{:<20} {:<24} {:<9} {:>9} {:>9} {:>6} {:>6} {:>8}",
+                "NAME", "IMAGE", "ISOLATION", "WORKSPACE", "MEMORY", "PIDS", "IDLE", "LIFETIME"
             );
             for rt in list {
                 let s = rt.spec;
                 println!(
-                    "{:<20} {:<24} {:>9} {:>9} {:>6} {:>6} {:>8}",
+                    "{:<20} {:<24} {:<9} {:>9} {:>9} {:>6} {:>6} {:>8}",
                     s.name,
                     s.image,
+                    match s.isolation {
+                        berth_api::Isolation::Namespace => "namespace",
+                        berth_api::Isolation::Microvm => "microvm",
+                    },
                     format_bytes(s.workspace_size),
                     format_bytes(s.memory),
                     s.pids,
@@ -87,7 +91,7 @@ fn spec_from(args: &RuntimeCreateArgs) -> anyhow::Result<RuntimeSpec> {
     Ok(RuntimeSpec {
         name: args.name.clone(),
         image,
-        isolation: Default::default(),
+        isolation: args.isolation.into(),
         workspace_path: args.workspace_path.clone(),
         workspace_size: args.workspace_size,
         mounts,
