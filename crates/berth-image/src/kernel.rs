@@ -126,7 +126,7 @@ struct AptMemo {
 /// Run a command, returning stdout; a failure carries the tail of stderr.
 fn run(cmd: &mut Command, hint: &'static str) -> Result<String, KernelError> {
     let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
+    let out = crate::child::die_with_parent(cmd)
         .stdin(Stdio::null())
         .output()
         .map_err(|source| KernelError::Spawn {

@@ -8,6 +8,7 @@
 //! libraries, the rootfs source listing, the options) hashes as the existing image's.
 
 pub mod cache;
+mod child;
 pub mod cpio;
 pub mod elf;
 pub mod hostfs;

@@ -533,6 +533,7 @@ impl Write for HashWriter<'_> {
 /// `mkfs.ext4 -d` of the staged tree into a new file of `size` bytes.
 fn mkfs_command(staged: &Staged, out: &Path, size: u64, inodes: u64) -> Command {
     let mut cmd = Command::new("mkfs.ext4");
+    crate::child::die_with_parent(&mut cmd);
     cmd.args([
         "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
     ])
@@ -555,7 +556,7 @@ fn mkfs_command(staged: &Staged, out: &Path, size: u64, inodes: u64) -> Command 
 /// Set ext4's `read-only` feature, so the kernel refuses to mount the image
 /// read-write (mke2fs 1.47.0 cannot set it at creation).
 fn set_read_only(image: &Path) -> Result<(), RootfsError> {
-    let out = Command::new("tune2fs")
+    let out = crate::child::die_with_parent(&mut Command::new("tune2fs"))
         .args(["-O", "read-only"])
         .arg(image)
         .stdin(Stdio::null())
