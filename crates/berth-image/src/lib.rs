@@ -262,6 +262,16 @@ fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcom
             .iter()
             .map(|e| e.trim_end_matches('/').to_owned()),
     );
+    // Berth's own data (state, tokens, workspaces, this very build) never goes into an
+    // image, wherever the data dir is.
+    let source_root = match &req.source {
+        Source::Host => PathBuf::from("/"),
+        Source::Dir(d) => fs::canonicalize(d).unwrap_or_else(|_| d.clone()),
+    };
+    let data_dir = fs::canonicalize(&req.data_dir).unwrap_or_else(|_| req.data_dir.clone());
+    if let Some(inside) = path_inside(&source_root, &data_dir) {
+        excludes.push(inside);
+    }
     excludes.sort();
     excludes.dedup();
 
@@ -472,6 +482,15 @@ fn remove_stale_builds(images: &Path, name: &str) {
     }
 }
 
+/// `path` as an absolute path inside the image rooted at `root`, if it is under it.
+fn path_inside(root: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(root).ok()?;
+    if rel.as_os_str().is_empty() {
+        return None; // the data dir as the source is the operator's explicit choice
+    }
+    Some(format!("/{}", rel.display()))
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -541,6 +560,26 @@ mod tests {
             let n = default_name(&Source::Dir(odd.into()));
             assert!(valid_name(&n), "{odd} -> {n}");
         }
+    }
+
+    #[test]
+    fn data_dir_inside_the_source_is_excluded() {
+        assert_eq!(
+            path_inside(Path::new("/"), Path::new("/var/lib/berth")),
+            Some("/var/lib/berth".into())
+        );
+        assert_eq!(
+            path_inside(Path::new("/srv/root"), Path::new("/srv/root/data")),
+            Some("/data".into())
+        );
+        assert_eq!(
+            path_inside(Path::new("/srv/root"), Path::new("/var/lib/berth")),
+            None
+        );
+        assert_eq!(
+            path_inside(Path::new("/srv/root"), Path::new("/srv/root")),
+            None
+        );
     }
 
     #[test]
