@@ -7,10 +7,12 @@ pub mod driver;
 mod error;
 mod files;
 mod lifecycle;
+mod recordings;
 mod runtimes;
 mod sessions;
 mod shells;
 
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use commands::{CommandStream, ExecEvent};
@@ -33,6 +35,9 @@ pub struct CoreConfig {
     pub tick: Duration,
     /// Most running shells per session (passed to the guest); more → `ResourceExhausted`.
     pub max_shells: usize,
+    /// Where shell recordings go (`<logs_dir>/<session>/<shell>.cast`, kept on the host);
+    /// `None` = shells are not recorded.
+    pub logs_dir: Option<PathBuf>,
 }
 
 impl Default for CoreConfig {
@@ -42,6 +47,7 @@ impl Default for CoreConfig {
             retention: Duration::from_secs(14 * 24 * 3600),
             tick: Duration::from_millis(500),
             max_shells: 10,
+            logs_dir: None,
         }
     }
 }

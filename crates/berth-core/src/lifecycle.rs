@@ -116,6 +116,8 @@ impl Core {
                 }
             }
         }
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        self.recordings().sweep(&ids);
         for id in self.driver().leftovers().await {
             let owned = records
                 .iter()

@@ -10,6 +10,7 @@ use berth_api::{validate, CreateSession, RuntimeSpec, Session, SessionState, Ses
 use berth_store::{SessionRecord, Store};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::recordings::Recordings;
 use crate::{now_ms, CoreConfig, CoreError, Driver, Sandbox, SandboxRequest};
 
 /// The server's core. Cheap to clone.
@@ -24,6 +25,7 @@ struct Inner {
     config: CoreConfig,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     running: AtomicUsize,
+    recordings: Recordings,
 }
 
 /// In-memory state of one session.
@@ -89,6 +91,7 @@ impl Core {
             inner: Arc::new(Inner {
                 store,
                 driver,
+                recordings: Recordings::new(config.logs_dir.clone()),
                 config,
                 slots: Mutex::new(HashMap::new()),
                 running: AtomicUsize::new(0),
@@ -109,6 +112,10 @@ impl Core {
 
     pub(crate) fn config(&self) -> &CoreConfig {
         &self.inner.config
+    }
+
+    pub(crate) fn recordings(&self) -> &Recordings {
+        &self.inner.recordings
     }
 
     pub fn driver_name(&self) -> &'static str {
@@ -306,6 +313,7 @@ impl Core {
         let mut live = slot.live.lock().await;
         self.inner.running.fetch_add(1, Ordering::SeqCst);
         slot.last_activity_ms.store(now_ms(), Ordering::SeqCst);
+        self.recordings().resume(&rec.id, &sandbox.guest).await;
         *live = Some(Live {
             sandbox,
             runtime,
@@ -342,6 +350,8 @@ impl Core {
         )
         .await;
         let stopped = self.driver().stop(id).await;
+        // The shells are gone: their recorders write what they received and end.
+        self.recordings().end_session(id).await;
         self.inner.running.fetch_sub(1, Ordering::SeqCst);
         let mut rec = self.record(id).await?;
         rec.cpu_ns = rec.cpu_ns.saturating_add(stats.cpu_ns);
@@ -366,6 +376,7 @@ impl Core {
         let mut live = slot.live.lock().await;
         self.stop_locked(id, &mut live, "deleted").await?;
         self.driver().delete_workspace(id).await?;
+        self.recordings().delete_session(id);
         self.store().delete_session(id).await?;
         drop(live);
         self.forget_slot(id);

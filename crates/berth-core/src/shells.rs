@@ -1,9 +1,11 @@
 //! Interactive shells: the guest's `Shell*` calls behind the session lifecycle.
 //!
-//! Opening a shell creates and starts the session like a command does. Listing, killing,
-//! attaching and fetching a recording never start a sandbox: shells live in the guest
-//! and end with it, so a stopped session has none. An attachment holds a [`BusyGuard`]
-//! for as long as it lives, so an attached client keeps the session from idling out.
+//! Opening a shell creates and starts the session like a command does. Listing, killing
+//! and attaching never start a sandbox: shells live in the guest and end with it, so a
+//! stopped session has none. An attachment holds a [`BusyGuard`] for as long as it
+//! lives, so an attached client keeps the session from idling out. Every shell is also
+//! recorded by the host (`recordings.rs`): its recording outlives the sandbox, and its
+//! recorder never keeps the session busy.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,15 +14,16 @@ use berth_api::shell::{exit_code, AttachMode, AttachOptions, OpenShell, ShellInf
 use berth_api::validate;
 use berth_guest::proto::{
     shell_output, Empty, ShellAttachStart, ShellInput, ShellKillRequest, ShellOpenRequest,
-    ShellOutput, ShellRecordingRequest,
+    ShellOutput,
 };
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::files::ReadStream;
+use crate::recordings::{self, RecordingError};
 use crate::sessions::{BusyGuard, Slot};
-use crate::{now_ms, Core, CoreError, Sandbox};
+use crate::{now_ms, Core, CoreError, DriverError, Sandbox};
 
 /// How the attach began: what the first status frame reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,10 +140,11 @@ impl ShellEvents {
                         signal: x.signal,
                     },
                     // Heartbeats are answered by the transport; a late snapshot or
-                    // `attached` cannot happen.
+                    // `attached` cannot happen; resizes go to recorders only.
                     shell_output::Kind::Heartbeat(_)
                     | shell_output::Kind::Snapshot(_)
-                    | shell_output::Kind::Attached(_) => continue,
+                    | shell_output::Kind::Attached(_)
+                    | shell_output::Kind::Resized(_) => continue,
                 },
                 Ok(Some(ShellOutput { kind: None })) => continue,
                 Ok(None) => ShellEvent::Failed(berth_api::ApiError::new(
@@ -225,11 +229,12 @@ impl Core {
         req.validate()?;
         self.record_or_create(session_id, None).await?;
         let (slot, sandbox, runtime) = self.ensure_running(session_id).await?;
-        let _busy = BusyGuard::new(slot);
+        let _busy = BusyGuard::new(slot.clone());
         let request = ShellOpenRequest {
             shell_id: req.shell_id.clone().unwrap_or_default(),
             argv: req.command.unwrap_or_default(),
-            env: Default::default(),
+            // What the recording's header says.
+            env: [("TERM".to_string(), recordings::TERM.to_string())].into(),
             cwd: runtime.workspace_path.clone(),
             width: req.width.map_or(0, u32::from),
             height: req.height.map_or(0, u32::from),
@@ -238,7 +243,23 @@ impl Core {
         let mut guest = sandbox.guest.clone();
         let shell = req.shell_id.unwrap_or_default();
         match guest.shell_open(request).await {
-            Ok(info) => Ok(info_of(info.into_inner())),
+            Ok(info) => {
+                let info = info.into_inner();
+                // Under the session lock, and only if the sandbox is still the one the
+                // shell was opened in: a stop ends the recorders it finds, so none may
+                // start behind its back.
+                let live = slot.live.lock().await;
+                if live
+                    .as_ref()
+                    .is_some_and(|l| l.sandbox.init_pid == sandbox.init_pid)
+                {
+                    self.recordings()
+                        .start(session_id, &sandbox.guest, &info)
+                        .await;
+                }
+                drop(live);
+                Ok(info_of(info))
+            }
             Err(status) if status.code() == tonic::Code::ResourceExhausted => {
                 Err(CoreError::Guest {
                     session: session_id.to_string(),
@@ -302,35 +323,45 @@ impl Core {
             .map_err(|s| self.shell_error(session_id, shell_id, s))
     }
 
-    /// The shell's asciicast v2 recording so far.
+    /// The shell's asciicast v2 recording so far, read from the host's logs dir: works
+    /// whether or not the session is running (a stopped session's shells are over, and
+    /// so are their recordings).
     pub async fn shell_recording(
         &self,
         session_id: &str,
         shell_id: &str,
     ) -> Result<ReadStream, CoreError> {
+        validate::id("session_id", session_id)?;
         berth_api::shell::validate_shell_id("shell_id", shell_id)?;
-        let Some((slot, sandbox)) = self.running_sandbox(session_id).await? else {
-            return Err(Self::shell_not_found(shell_id));
-        };
-        let busy = BusyGuard::new(slot);
-        let mut guest = sandbox.guest.clone();
-        let chunks = guest
-            .shell_recording(ShellRecordingRequest {
-                shell_id: shell_id.to_string(),
+        self.record(session_id).await?;
+        let io_error = |source: std::io::Error| {
+            CoreError::Driver(DriverError::Io {
+                op: "reading a shell recording",
+                session: session_id.to_string(),
+                source: Box::new(source),
             })
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => CoreError::NotFound {
+        };
+        let file = match self.recordings().open(session_id, shell_id).await {
+            Ok(file) => file,
+            Err(RecordingError::NotFound) => {
+                return Err(CoreError::NotFound {
                     what: "recording of shell",
                     id: shell_id.to_string(),
-                },
-                _ => CoreError::guest(session_id, s),
-            })?
-            .into_inner();
+                })
+            }
+            Err(err @ RecordingError::Io { .. }) => {
+                return Err(io_error(std::io::Error::other(err)))
+            }
+        };
         let session = session_id.to_string();
-        Ok(Box::pin(chunks.map(move |r| {
-            let _ = &busy;
-            r.map(|c| c.data).map_err(|s| CoreError::guest(&session, s))
+        Ok(Box::pin(recordings::stream_file(file).map(move |r| {
+            r.map_err(|source| {
+                CoreError::Driver(DriverError::Io {
+                    op: "reading a shell recording",
+                    session: session.clone(),
+                    source: Box::new(source),
+                })
+            })
         })))
     }
 
@@ -355,6 +386,7 @@ impl Core {
             width: opts.width.map_or(0, u32::from),
             height: opts.height.map_or(0, u32::from),
             offset: opts.offset,
+            recorder: false,
         };
         let berth_guest::client::ShellAttachment { input, mut output } =
             berth_guest::client::shell_attach(&mut guest, start)

@@ -68,6 +68,9 @@ struct Term {
     notices: Vec<(i32, String)>,
     heartbeats: usize,
     exited: Option<Exited>,
+    /// `resized` events (recorders only): the length of `seen` when each came, and
+    /// the size.
+    resizes: Vec<(usize, u32, u32)>,
 }
 
 impl Term {
@@ -86,6 +89,7 @@ impl Term {
             notices: Vec::new(),
             heartbeats: 0,
             exited: None,
+            resizes: Vec::new(),
         };
         if term.attached.snapshot {
             match term.att.output.message().await.unwrap().unwrap().kind {
@@ -126,6 +130,10 @@ impl Term {
             shell_output::Kind::Notice(n) => self.notices.push((n.code, n.message)),
             shell_output::Kind::Heartbeat(_) => self.heartbeats += 1,
             shell_output::Kind::Exited(e) => self.exited = Some(e),
+            shell_output::Kind::Resized(size) => {
+                self.resizes
+                    .push((self.seen.len(), size.width, size.height))
+            }
             other => panic!("unexpected output {other:?}"),
         }
         Ok(true)
@@ -767,78 +775,61 @@ async fn ids_and_the_shell_cap() {
 }
 
 #[tokio::test]
-async fn recording_is_asciicast_v2_of_what_the_client_saw() {
+async fn a_recorder_gets_output_and_resizes_in_order_and_is_no_watcher() {
     let agent = TestAgent::start();
     let mut guest = agent.connect().await;
     open(&mut guest, bash("rec")).await;
-    // Offset 0: the whole output from the start.
-    let mut t = Term::attach(
+    // The host's recorder: from offset 0, read-only, told about resizes.
+    let mut rec = Term::attach(
         &mut guest,
         ShellAttachStart {
             offset: Some(0),
+            recorder: true,
             ..attach_req("rec")
         },
     )
     .await;
+    assert!(!rec.attached.snapshot);
+    assert_eq!(rec.attached.offset, 0);
+    let mut t = Term::attach(&mut guest, attach_req("rec")).await;
     t.run("echo héllo-$((1+1)) €", "héllo-2 €").await;
     t.send(ShellInput::resize(100, 30)).await;
-    t.run("ls --color=always -d /", "\x1b[01;34m/").await;
-    // Readable while the shell runs...
-    let partial = fetch_recording(&mut guest, "rec").await;
-    assert!(partial.contains("héllo-2"));
+    t.run("stty size", "30 100").await;
+    let listed = guest.shell_list(Empty {}).await.unwrap().into_inner();
+    let info = listed.shells.iter().find(|s| s.shell_id == "rec").unwrap();
+    assert_eq!((info.clients, info.watchers), (1, 0), "{info:?}");
+
+    // It cannot type.
+    rec.type_str("echo typed-by-the-recorder\r").await;
+    while rec.notices.is_empty() {
+        assert!(rec.step().await.unwrap());
+    }
+    assert_eq!(rec.notices[0].0, Code::PermissionDenied as i32);
+
+    rec.wait_for("30 100").await;
+    let text = rec.text();
+    let before = text.find("héllo-2 €").unwrap();
+    let after = text.find("30 100").unwrap();
+    assert_eq!(rec.resizes.len(), 1, "{:?}", rec.resizes);
+    let (at, width, height) = rec.resizes[0];
+    assert_eq!((width, height), (100, 30));
+    assert!(before < at && at <= after, "{before} < {at} <= {after}");
+
     t.type_str("exit 3\r").await;
     assert_eq!(t.wait_exit().await.code, Some(3));
-    // ...and complete once it exited.
-    let cast = fetch_recording(&mut guest, "rec").await;
-    let mut lines = cast.lines();
-    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
-    assert_eq!(header["version"], 2);
-    assert_eq!(
-        (header["width"].as_u64(), header["height"].as_u64()),
-        (Some(80), Some(24))
-    );
-    assert!(header["timestamp"].as_u64().unwrap() > 1_600_000_000);
-    assert_eq!(header["env"]["TERM"], "xterm-256color");
-    assert_eq!(header["env"]["SHELL"], "bash");
-    let mut output = String::new();
-    let mut resizes = Vec::new();
-    let mut last = 0.0;
-    for line in lines {
-        let event: serde_json::Value = serde_json::from_str(line).unwrap();
-        let time = event[0].as_f64().unwrap();
-        assert!(time >= last, "event times never go back");
-        last = time;
-        match event[1].as_str().unwrap() {
-            "o" => output.push_str(event[2].as_str().unwrap()),
-            "r" => resizes.push(event[2].as_str().unwrap().to_string()),
-            other => panic!("unknown event type {other}"),
-        }
-    }
-    assert_eq!(output, t.text());
-    assert_eq!(resizes, ["100x30"]);
+    assert_eq!(rec.wait_exit().await.code, Some(3));
+    // Everything, byte for byte, from the start.
+    assert_eq!(&rec.seen[t.attached.offset as usize..], &t.seen[..]);
+    assert!(!rec.text().contains("typed-by-the-recorder"));
 
+    // The guest keeps no recordings any more.
     let err = guest
         .shell_recording(ShellRecordingRequest {
-            shell_id: "never".into(),
+            shell_id: "rec".into(),
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-}
-
-async fn fetch_recording(guest: &mut Guest, id: &str) -> String {
-    let mut stream = guest
-        .shell_recording(ShellRecordingRequest {
-            shell_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut data = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        data.extend_from_slice(&chunk.data);
-    }
-    String::from_utf8(data).unwrap()
+    assert_eq!(err.code(), Code::Unimplemented);
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use berth_api::shell::{
     ClientFrame, ClientFrameError, OpenShell, ShellInfo, ShellStatus,
 };
 use berth_api::ErrorCode;
-use berth_core::{NoticeKind, ShellAttachment, ShellEvent, ShellInputs};
+use berth_core::{CoreError, NoticeKind, ShellAttachment, ShellEvent, ShellInputs};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -83,14 +83,30 @@ pub(crate) async fn kill_shell(
 }
 
 /// The shell's output with timing, as an asciicast v2 file (plays with `asciinema play`).
+/// Recorded by the server, outside the sandbox, so it is there after the session stopped.
 #[utoipa::path(get, path = "/v1/sessions/{id}/shells/{shell}/recording", params(("id" = String, Path), ("shell" = String, Path)),
-    responses((status = 200, description = "asciicast v2: a JSON header line, then `[seconds, \"o\"|\"r\", data]` lines", content_type = "application/x-asciicast"),
-              (status = 404, body = berth_api::ErrorBody)))]
+    responses((status = 200, description = "asciicast v2: a JSON header line, then `[seconds, \"o\"|\"r\"|\"m\", data]` lines (output, resize `WxH`, marker noting a gap)", content_type = "application/x-asciicast"),
+              (status = 400, body = berth_api::ErrorBody),
+              (status = 404, description = "no such session, or no recording of that shell in it", body = berth_api::ErrorBody)))]
 pub(crate) async fn shell_recording(
     State(s): State<AppState>,
     Path((id, shell)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
-    let stream = s.core.shell_recording(&id, &shell).await?;
+    let stream = s.core.shell_recording(&id, &shell).await.map_err(|e| {
+        // Name the path parameter a 404 is about.
+        let field = match &e {
+            CoreError::NotFound {
+                what: "session", ..
+            } => Some("session_id"),
+            CoreError::NotFound { .. } => Some("shell_id"),
+            _ => None,
+        };
+        let mut err = AppError::from(e);
+        if err.0.field.is_none() {
+            err.0.field = field.map(str::to_string);
+        }
+        err
+    })?;
     let body =
         Body::from_stream(stream.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))));
     Ok((

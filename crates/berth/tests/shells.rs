@@ -227,6 +227,79 @@ async fn error_of(r: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+/// Check that `cast` is asciicast v2 (a header object, then `[time, code, data]` arrays
+/// with times that never go back) and return the header and the events.
+fn parse_cast(cast: &str) -> (Value, Vec<(f64, String, String)>) {
+    let mut lines = cast.lines();
+    let header: Value = serde_json::from_str(lines.next().expect("a header line"))
+        .unwrap_or_else(|e| panic!("header JSON: {e}\n{cast}"));
+    assert_eq!(header["version"], 2, "{header}");
+    assert!(header["width"].as_u64().is_some(), "{header}");
+    assert!(header["height"].as_u64().is_some(), "{header}");
+    assert!(
+        header["timestamp"].as_u64().unwrap_or(0) > 1_600_000_000,
+        "{header}"
+    );
+    assert_eq!(header["env"]["TERM"], "xterm-256color", "{header}");
+    let mut events = Vec::new();
+    let mut last = 0.0;
+    for l in lines {
+        let ev: (f64, String, String) =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("event {l:?}: {e}"));
+        assert!(ev.0 >= last, "time goes back at {l}");
+        last = ev.0;
+        assert!(["o", "r", "m"].contains(&ev.1.as_str()), "{l}");
+        events.push(ev);
+    }
+    (header, events)
+}
+
+/// The text of a recording's output events.
+fn cast_output(events: &[(f64, String, String)]) -> String {
+    events
+        .iter()
+        .filter(|e| e.1 == "o")
+        .map(|e| e.2.as_str())
+        .collect()
+}
+
+async fn fetch_recording(s: &Server, session: &str, shell: &str) -> String {
+    let r = s
+        .http(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{session}/shells/{shell}/recording"),
+        )
+        .send()
+        .await
+        .expect("GET recording");
+    let status = r.status();
+    let text = r.text().await.expect("recording body");
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+/// Fetch the recording until its output contains `needle`; returns that output.
+async fn recording_until(s: &Server, session: &str, shell: &str, needle: &str) -> String {
+    common::poll(
+        &format!("{needle:?} in the recording of {shell}"),
+        || async {
+            let (_, events) = parse_cast(&fetch_recording(s, session, shell).await);
+            let out = cast_output(&events);
+            out.contains(needle).then_some(out)
+        },
+    )
+    .await
+}
+
+/// The numbers of the complete output lines that are exactly `<prefix><number>`.
+fn numbered(text: &str, prefix: &str) -> Vec<u32> {
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .split(['\r', '\n'])
+        .filter_map(|l| l.strip_prefix(prefix)?.parse().ok())
+        .collect()
+}
+
 #[tokio::test]
 async fn typing_resize_heartbeat_several_clients_and_watchers() {
     let Some(s) = Server::start("typing_resize_heartbeat_several_clients_and_watchers").await
@@ -606,32 +679,39 @@ async fn rest_routes_cap_list_delete_and_recording() {
             .and_then(|v| v.to_str().ok()),
         Some("application/x-asciicast")
     );
-    let cast = r.text().await.expect("recording");
-    let mut lines = cast.lines();
-    let header: Value = serde_json::from_str(lines.next().expect("header")).expect("header JSON");
-    assert_eq!(header["version"], 2, "{header}");
+    let (header, _) = parse_cast(&r.text().await.expect("recording"));
     assert_eq!(header["width"], 90, "{header}");
-    let mut text = String::new();
-    for l in lines {
-        let ev: Value = serde_json::from_str(l).expect("event JSON");
-        assert!(ev[0].as_f64().is_some(), "{l}");
-        assert!(ev[1] == "o" || ev[1] == "r", "{l}");
-        if ev[1] == "o" {
-            text.push_str(ev[2].as_str().expect("text"));
-        }
+    assert_eq!(header["height"], 20, "{header}");
+    assert_eq!(header["env"]["SHELL"], "sh", "{header}");
+    // The recorder runs beside the client: its file catches up.
+    let text = recording_until(&s, &session, "rec", "recorded-line").await;
+    assert!(text.contains("recorded-line"), "{text}");
+    for (shell, code, field) in [("none", 404, "shell_id"), ("a%3Fb", 400, "shell_id")] {
+        let (status, body) = error_of(
+            s.http(
+                reqwest::Method::GET,
+                &format!("/v1/sessions/{session}/shells/{shell}/recording"),
+            )
+            .send()
+            .await
+            .expect("GET"),
+        )
+        .await;
+        assert_eq!(status, code, "{shell}: {body}");
+        assert_eq!(body["error"]["field"], field, "{shell}: {body}");
     }
-    assert!(text.contains("recorded-line"), "{cast}");
-    let (code, _) = error_of(
+    let (status, body) = error_of(
         s.http(
             reqwest::Method::GET,
-            &format!("/v1/sessions/{session}/shells/none/recording"),
+            "/v1/sessions/no-such-session/shells/rec/recording",
         )
         .send()
         .await
         .expect("GET"),
     )
     .await;
-    assert_eq!(code, 404);
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
 
     // The OpenAPI document lists the routes.
     let doc: Value = s
@@ -683,6 +763,38 @@ async fn an_attached_client_keeps_the_session_from_idling_out() {
 }
 
 #[tokio::test]
+async fn the_recorder_does_not_keep_the_session_busy() {
+    let Some(s) = Server::start("the_recorder_does_not_keep_the_session_busy").await else {
+        return;
+    };
+    let rt = s
+        .runtime(&uniq("rt-rec-idle"), |r| r.idle_timeout_s = 2)
+        .await;
+    let session = s.session(&uniq("rec-idle"), &rt).await;
+    // A shell that keeps printing, with no client: only its recorder is attached.
+    open_ok(
+        &s,
+        &session,
+        json!({"shell_id": "ticker", "command": ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done"]}),
+    )
+    .await;
+    let st = common::poll(
+        "the idle timeout with only the recorder attached",
+        || async {
+            let st = s.client.get_session(&session).await.expect("get");
+            (st.state == SessionState::Stopped).then_some(st)
+        },
+    )
+    .await;
+    assert_eq!(st.stop_reason.as_deref(), Some("idle_timeout"));
+    // What it printed until then is recorded, every line once and in order.
+    let (_, events) = parse_cast(&fetch_recording(&s, &session, "ticker").await);
+    let ticks = numbered(&cast_output(&events), "tick-");
+    assert!(!ticks.is_empty(), "{events:?}");
+    assert_eq!(ticks, (1..=ticks.len() as u32).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from() {
     let Some(s) =
         Server::start("a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from")
@@ -728,16 +840,30 @@ async fn a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from()
     );
     assert_eq!(t.closed, Some(1013));
     // Reattaching with that offset works (a snapshot if it left the ring buffer) and
-    // the shell is still there.
-    let pos = t.position();
+    // the shell is still there. (A client reading while the flood goes on may be
+    // dropped again, the shell's recorder competing for the CPU: it reattaches with
+    // the offset it is given, as the CLI does.)
+    let mut pos = t.position();
     drop(t);
-    let mut t = attach(&s, &session, "flood", &format!("offset={pos}")).await;
-    assert_eq!(t.first["metadata"]["reconnected"], true);
-    // (The flood may have ended already, its end then being in the snapshot.)
-    t.until("the end of the flood", |t| {
-        String::from_utf8_lossy(&t.out).contains("FLOOD10")
-    })
-    .await;
+    let flood_ended = |t: &Term| {
+        let tail = &t.out[t.out.len().saturating_sub(64 * 1024)..];
+        String::from_utf8_lossy(tail).contains("FLOOD10")
+    };
+    loop {
+        let mut t = attach(&s, &session, "flood", &format!("offset={pos}")).await;
+        assert_eq!(t.first["metadata"]["reconnected"], true);
+        // (The flood may have ended already, its end then being in the snapshot.)
+        t.until("the end of the flood, or another drop", |t| {
+            flood_ended(t) || t.closed.is_some()
+        })
+        .await;
+        if flood_ended(&t) {
+            break;
+        }
+        let st = t.statuses.last().expect("a final status");
+        assert_eq!(st["reason"], "TooSlow", "{st}");
+        pos = st["metadata"]["offset"].as_u64().expect("offset");
+    }
 }
 
 #[tokio::test]
@@ -777,4 +903,210 @@ async fn stopping_the_session_ends_its_shells_and_closes_attached_clients() {
     let mut t = attach(&s, &session, "main", "").await;
     t.type_("echo back$((1+1))\r").await;
     t.until_output("back2").await;
+}
+
+#[tokio::test]
+async fn recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them() {
+    let Some(s) =
+        Server::start("recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them").await
+    else {
+        return;
+    };
+    let session = uniq("rec-stop");
+    open_ok(&s, &session, json!({"shell_id": "main"})).await;
+    let mut t = attach(&s, &session, "main", "").await;
+    t.type_("echo rec-$((6*7))\r").await;
+    t.until_output("rec-42").await;
+    t.send(channel::RESIZE, br#"{"width":123,"height":45}"#)
+        .await;
+    t.type_("stty size\r").await;
+    t.until_output("45 123").await;
+
+    // Nothing in the sandbox is a recording, and the host's logs dir is not there.
+    let logs = s.data_dir.join("logs").join(&session);
+    assert!(logs.join("main.cast").is_file(), "{}", logs.display());
+    let look = s
+        .exec(
+            &session,
+            &format!(
+                "find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -name '*.cast' -print; \
+                 test -e '{}' && echo HOST-LOGS-VISIBLE; \
+                 mkdir -p /run/berth/log && echo '[0.1, \"o\", \"forged\"]' >> /run/berth/log/shell-main.cast; \
+                 echo '[0.1, \"o\", \"forged\"]' >> /mnt/workspace/main.cast; true",
+                logs.display()
+            ),
+        )
+        .await
+        .ok();
+    assert_eq!(look.out(), "", "{look:?}");
+
+    // Stopping the session ends the shell; its recording stays readable.
+    s.client.stop_session(&session).await.expect("stop");
+    let cast = fetch_recording(&s, &session, "main").await;
+    let (header, events) = parse_cast(&cast);
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert_eq!(header["env"]["SHELL"], "bash", "{header}");
+    let out = cast_output(&events);
+    assert!(out.contains("rec-42"), "{cast}");
+    assert!(out.contains("45 123"), "{cast}");
+    assert!(!cast.contains("forged"), "{cast}");
+    let resizes: Vec<&str> = events
+        .iter()
+        .filter(|e| e.1 == "r")
+        .map(|e| e.2.as_str())
+        .collect();
+    assert_eq!(resizes, ["123x45"], "{cast}");
+    assert!(events.iter().all(|e| e.1 != "m"), "no gap expected: {cast}");
+
+    // The CLI prints the same file.
+    let cli = s.cli_ok(&["shell", "record", &session, "main"]).await;
+    assert_eq!(cli, cast);
+    let (_, err, code) = s.cli(&["shell", "record", &session, "nope"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        String::from_utf8_lossy(&err).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let (status, body) = error_of(
+        s.http(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{session}/shells/nope/recording"),
+        )
+        .send()
+        .await
+        .expect("GET"),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    assert_eq!(body["error"]["field"], "shell_id", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nope"),
+        "{body}"
+    );
+
+    // Owner-only on the host.
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&s.data_dir.join("logs")), 0o700);
+    assert_eq!(mode(&logs), 0o700);
+    assert_eq!(mode(&logs.join("main.cast")), 0o600);
+
+    // Deleting the session deletes its recordings.
+    s.client.delete_session(&session).await.expect("delete");
+    assert!(!logs.exists(), "{} left behind", logs.display());
+    let (status, _) = error_of(
+        s.http(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{session}/shells/main/recording"),
+        )
+        .send()
+        .await
+        .expect("GET"),
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication() {
+    let Some(mut s) =
+        Server::start("a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication")
+            .await
+    else {
+        return;
+    };
+    let session = uniq("rec-kill");
+    open_ok(&s, &session, json!({"shell_id": "num"})).await;
+    let mut t = attach(&s, &session, "num", "").await;
+    t.type_("for i in $(seq 1 50); do echo n-$i; done\r").await;
+    t.until_output("n-50").await;
+    // Some of it is in the recording (and its state) before the kill.
+    recording_until(&s, &session, "num", "n-50").await;
+    // More while the server runs, more while it is dead or restarting, and the rest
+    // only once it is back.
+    t.type_(
+        "for i in $(seq 51 100); do echo n-$i; done; sleep 1; \
+         for i in $(seq 101 150); do echo n-$i; done; read go; \
+         for i in $(seq 151 200); do echo n-$i; done\r",
+    )
+    .await;
+    t.until_output("n-100").await;
+    let pos = t.position();
+    drop(t);
+    s.kill_server();
+    s.restart().await;
+
+    let mut t = attach(&s, &session, "num", &format!("offset={pos}")).await;
+    t.until_output("n-150").await;
+    t.type_("go\r").await;
+    t.until_output("n-200").await;
+    let out = recording_until(&s, &session, "num", "n-200").await;
+    assert_eq!(
+        numbered(&out, "n-"),
+        (1..=200).collect::<Vec<u32>>(),
+        "every line exactly once: {out:?}"
+    );
+    // One header: every later line is an event.
+    let (_, events) = parse_cast(&fetch_recording(&s, &session, "num").await);
+    assert!(
+        events.iter().all(|e| e.1 != "m"),
+        "no gap expected: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn output_lost_while_the_server_was_down_is_marked_in_the_recording() {
+    let Some(mut s) =
+        Server::start("output_lost_while_the_server_was_down_is_marked_in_the_recording").await
+    else {
+        return;
+    };
+    let session = uniq("rec-gap");
+    open_ok(&s, &session, json!({"shell_id": "gap"})).await;
+    let mut t = attach(&s, &session, "gap", "").await;
+    // More output than the guest's 256 KiB ring, printed only once the server is dead
+    // (`/run/berth` in the sandbox is the host's `run/<session>/sock`).
+    t.type_(
+        "while [ ! -e /run/berth/go ]; do sleep 0.05; done; \
+         head -c 600000 /dev/zero | tr '\\0' x; echo; echo AFTER-$((1+1)); \
+         touch /run/berth/done\r",
+    )
+    .await;
+    recording_until(&s, &session, "gap", "/run/berth/done").await;
+    drop(t);
+    s.kill_server();
+    let sock = s.data_dir.join("run").join(&session).join("sock");
+    std::fs::write(sock.join("go"), "").expect("create go");
+    common::poll("the flood to end while the server is down", || async {
+        sock.join("done").exists().then_some(())
+    })
+    .await;
+    s.restart().await;
+
+    recording_until(&s, &session, "gap", "AFTER-2").await;
+    let (_, events) = parse_cast(&fetch_recording(&s, &session, "gap").await);
+    let marker = events
+        .iter()
+        .position(|e| e.1 == "m")
+        .unwrap_or_else(|| panic!("no gap marker: {:?}", &events[..events.len().min(20)]));
+    assert!(events[marker].2.contains("lost"), "{:?}", events[marker]);
+    let after = events
+        .iter()
+        .position(|e| e.1 == "o" && e.2.contains("AFTER-2"))
+        .expect("AFTER-2");
+    assert!(
+        marker < after,
+        "the marker comes before what follows the gap"
+    );
+    let xs = cast_output(&events).matches('x').count();
+    assert!(xs < 600_000, "{xs} x recorded although some were lost");
 }

@@ -2,8 +2,8 @@
 //! terminal model (`vt100`) and any number of attached clients.
 //!
 //! One pump task per shell reads the PTY master and, under the shell's lock, appends
-//! the bytes to the ring, feeds the model, appends them to the recording and offers them
-//! to every attached client's queue. Attaching takes the same lock to build the replay
+//! the bytes to the ring, feeds the model and offers them to every attached client's
+//! queue (the host's recorder is one such client: recordings are kept by the host). Attaching takes the same lock to build the replay
 //! or snapshot and register the client, so nothing is lost or duplicated between the
 //! two. The pump never waits for a client: a client whose queue is over its byte budget
 //! is dropped (`ResourceExhausted`) and reattaches with its offset. See README.md.
@@ -35,11 +35,10 @@ use tonic::{Code, Status, Streaming};
 
 use super::exec::check_cwd;
 use super::reaper::ExitStatus;
-use super::recording::Recording;
 use super::{sys, Agent};
 use crate::proto::{
     shell_input, shell_output, Exited, ShellAttachStart, ShellAttached, ShellData, ShellInfo,
-    ShellInput, ShellNotice, ShellOpenRequest, ShellOutput,
+    ShellInput, ShellNotice, ShellOpenRequest, ShellOutput, ShellSize,
 };
 
 /// Largest PTY read, and largest replayed chunk. (A PTY hands out at most a few KiB per
@@ -73,15 +72,13 @@ pub(crate) type OutputStream = Pin<Box<dyn Stream<Item = Result<ShellOutput, Sta
 /// Every shell of the agent, by id.
 pub(crate) struct Shells {
     map: Mutex<HashMap<String, Arc<Shell>>>,
-    /// Where recordings go; `None` = not recorded (the directory could not be made).
-    log_dir: Option<PathBuf>,
 }
 
 impl Shells {
-    pub(crate) fn new(log_dir: Option<PathBuf>) -> Shells {
+    // TODO(recordings): the argument goes once agent/mod.rs drops `--log-dir`.
+    pub(crate) fn new(_log_dir: Option<PathBuf>) -> Shells {
         Shells {
             map: Mutex::new(HashMap::new()),
-            log_dir,
         }
     }
 
@@ -102,27 +99,13 @@ impl Shells {
         shells.iter().map(|s| s.info()).collect()
     }
 
-    fn recording_path(&self, id: &str) -> Option<PathBuf> {
-        self.log_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("shell-{id}.cast")))
-    }
-
-    /// Flush the shell's recording and return the file to stream.
-    pub(crate) fn recording(&self, id: &str) -> Result<PathBuf, Status> {
-        check_id(id)?;
-        let path = self
-            .recording_path(id)
-            .ok_or_else(|| Status::not_found("shell recordings are disabled on this guest"))?;
-        if let Some(shell) = self.map().get(id).cloned() {
-            if let Some(rec) = shell.state().recording.as_mut() {
-                rec.flush(false);
-            }
-        }
-        if !path.exists() {
-            return Err(Status::not_found(format!("no recording of shell {id:?}")));
-        }
-        Ok(path)
+    /// The retired `ShellRecording`: the host records shells (an attach with
+    /// `recorder`), outside the sandbox.
+    // TODO(recordings): goes with the `ShellRecording` handler in agent/mod.rs.
+    pub(crate) fn recording(&self, _id: &str) -> Result<PathBuf, Status> {
+        Err(Status::unimplemented(
+            "shell recordings are kept by the host (GET /v1/sessions/{id}/shells/{shell}/recording)",
+        ))
     }
 
     fn forget(&self, shell: &Arc<Shell>) {
@@ -209,13 +192,14 @@ struct State {
     height: u16,
     clients: Vec<Client>,
     exit: Option<ExitStatus>,
-    recording: Option<Recording>,
 }
 
 /// The pump's side of one attached client.
 struct Client {
     id: u64,
     watch: bool,
+    /// The host's recorder: not counted as a watcher, told about resizes.
+    recorder: bool,
     tx: mpsc::UnboundedSender<Data>,
     /// Bytes sent to `tx` and not yet taken by the client's forwarder.
     queued: Arc<AtomicUsize>,
@@ -223,9 +207,17 @@ struct Client {
     kicked: Arc<AtomicBool>,
 }
 
-struct Data {
-    offset: u64,
-    bytes: Bytes,
+/// What the pump queues for a client.
+enum Data {
+    Output {
+        offset: u64,
+        bytes: Bytes,
+    },
+    /// Recorders only.
+    Resized {
+        width: u16,
+        height: u16,
+    },
 }
 
 impl Client {
@@ -243,7 +235,7 @@ impl Client {
         }
         self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
         self.tx
-            .send(Data {
+            .send(Data::Output {
                 offset,
                 bytes: bytes.clone(),
             })
@@ -299,7 +291,6 @@ pub(crate) fn open(agent: &Arc<Agent>, req: ShellOpenRequest) -> Result<Arc<Shel
     let mut env: HashMap<String, String> = HashMap::new();
     env.insert("TERM".into(), DEFAULT_TERM.into());
     env.extend(req.env.clone());
-    let term = env.get("TERM").cloned().unwrap_or_default();
     let mut cmd = Command::new(&argv[0]);
     let stdio = |f: &std::fs::File| f.try_clone().map(Stdio::from);
     let (stdin, stdout, stderr) =
@@ -330,11 +321,6 @@ pub(crate) fn open(agent: &Arc<Agent>, req: ShellOpenRequest) -> Result<Arc<Shel
     drop(child);
     agent.track_group(pid);
 
-    let recording = shells.recording_path(&id).and_then(|path| {
-        Recording::create(&path, width, height, &term, &argv[0])
-            .map_err(|err| tracing::warn!(path = %path.display(), "cannot record shell: {err}"))
-            .ok()
-    });
     let master = match sys::async_pty(master) {
         Ok(master) => master,
         Err(err) => {
@@ -360,7 +346,6 @@ pub(crate) fn open(agent: &Arc<Agent>, req: ShellOpenRequest) -> Result<Arc<Shel
             height,
             clients: Vec::new(),
             exit: None,
-            recording,
         }),
         exited: watch::Sender::new(None),
         next_client: AtomicU64::new(0),
@@ -470,14 +455,14 @@ impl Shell {
 
     pub(crate) fn info(&self) -> ShellInfo {
         let st = self.state();
-        let watchers = st.clients.iter().filter(|c| c.watch).count() as u32;
+        let count = |f: fn(&Client) -> bool| st.clients.iter().filter(|c| f(c)).count() as u32;
         ShellInfo {
             shell_id: self.id.clone(),
             argv: self.argv.clone(),
             width: u32::from(st.width),
             height: u32::from(st.height),
-            clients: st.clients.len() as u32 - watchers,
-            watchers,
+            clients: count(|c| !c.watch),
+            watchers: count(|c| c.watch && !c.recorder),
             started_at_ms: self.started_at_ms,
             pid: self.pid as u32,
             running: st.exit.is_none(),
@@ -508,8 +493,8 @@ impl Shell {
         Ok(())
     }
 
-    /// Append output to the ring, the model and the recording, and offer it to every
-    /// client, all under the lock that attaching takes. True if some client's queue is
+    /// Append output to the ring and the model, and offer it to every client, all under
+    /// the lock that attaching takes. True if some client's queue is
     /// over half its budget.
     fn broadcast(&self, data: &[u8]) -> bool {
         let bytes = Bytes::copy_from_slice(data);
@@ -525,9 +510,6 @@ impl Shell {
             st.ring.extend(data);
         }
         st.model.process(data);
-        if let Some(rec) = st.recording.as_mut() {
-            rec.output(data);
-        }
         st.clients.retain(|c| c.offer(offset, &bytes));
         st.clients
             .iter()
@@ -537,9 +519,6 @@ impl Shell {
     fn finish(&self, status: ExitStatus) {
         let mut st = self.state();
         st.exit = Some(status);
-        if let Some(rec) = st.recording.as_mut() {
-            rec.flush(true);
-        }
         // Dropping the senders ends each client's stream after what is queued; the
         // forwarders then send `exited`.
         st.clients.clear();
@@ -559,8 +538,9 @@ impl Shell {
         }
         st.width = width;
         st.height = height;
-        if let Some(rec) = st.recording.as_mut() {
-            rec.resize(width, height);
+        // In order with the output: the pump queues under the same lock.
+        for c in st.clients.iter().filter(|c| c.recorder) {
+            let _ = c.tx.send(Data::Resized { width, height });
         }
         Ok(())
     }
@@ -618,7 +598,9 @@ pub(crate) async fn attach(
         }
     };
     let shell = agent.shells.get(&start.shell_id)?;
-    if !start.watch && (start.width != 0 || start.height != 0) {
+    // A recorder is read-only.
+    let watch = start.watch || start.recorder;
+    if !watch && (start.width != 0 || start.height != 0) {
         let (width, height) = {
             let st = shell.state();
             (st.width, st.height)
@@ -681,7 +663,8 @@ pub(crate) async fn attach(
         if st.exit.is_none() {
             st.clients.push(Client {
                 id: client_id,
-                watch: start.watch,
+                watch,
+                recorder: start.recorder,
                 tx,
                 queued: queued.clone(),
                 kicked: kicked.clone(),
@@ -690,13 +673,13 @@ pub(crate) async fn attach(
         // (An exited shell: `tx` drops here and the stream ends with `exited`.)
         st.end
     };
-    tracing::debug!(shell = %shell.id, client = client_id, watch = start.watch, "client attached");
+    tracing::debug!(shell = %shell.id, client = client_id, watch, recorder = start.recorder, "client attached");
 
     let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
     let client = Forwarder {
         shell,
         id: client_id,
-        watch: start.watch,
+        watch,
         queued,
         kicked,
         next,
@@ -743,11 +726,15 @@ impl Forwarder {
                     attached = out_tx.send(Ok(msg)).await.is_ok();
                 }
                 msg = data.recv() => match msg {
-                    Some(Data { offset, bytes }) => {
+                    Some(Data::Output { offset, bytes }) => {
                         self.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
                         self.next = offset + bytes.len() as u64;
                         let msg = out(shell_output::Kind::Output(ShellData { offset, data: bytes }));
                         attached = out_tx.send(Ok(msg)).await.is_ok();
+                    }
+                    Some(Data::Resized { width, height }) => {
+                        let size = ShellSize { width: u32::from(width), height: u32::from(height) };
+                        attached = out_tx.send(Ok(out(shell_output::Kind::Resized(size)))).await.is_ok();
                     }
                     None => {
                         self.end(&out_tx).await;

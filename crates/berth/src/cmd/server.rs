@@ -49,6 +49,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         max_sandboxes: args.max_sandboxes,
         retention: Duration::from_secs(args.retention),
         max_shells: args.max_shells,
+        logs_dir: Some(data_dir.join("logs")),
         ..CoreConfig::default()
     };
     let core = Core::new(store, Arc::new(driver), config)
