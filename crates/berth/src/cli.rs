@@ -171,9 +171,24 @@ pub struct ServerArgs {
     /// Most interactive shells per session; more get HTTP 429.
     #[arg(long, default_value_t = 10)]
     pub max_shells: usize,
-    /// Print what this host supports and exit.
+    /// Data dir whose `images/` holds the microVM guest images made by `berth image
+    /// build` (default: --data-dir). Lets several servers share one set of images.
+    #[arg(long, value_name = "DIR")]
+    pub guest_images: Option<PathBuf>,
+    /// How microVMs run: `auto` probes KVM by booting the guest once and falls back to
+    /// `tcg` (software emulation: development and tests only) when KVM cannot.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub microvm_accel: AccelArg,
+    /// Print what this host supports (drivers, KVM or TCG) and exit.
     #[arg(long)]
     pub info: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 #[derive(Debug, Args)]

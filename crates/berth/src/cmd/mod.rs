@@ -2,6 +2,7 @@
 
 mod admin;
 mod cp;
+mod drivers;
 mod exec;
 mod image;
 mod server;

@@ -501,21 +501,38 @@ pub fn host_leftovers(data_dir: &Path, session: Option<&str>) -> Vec<String> {
             found.push(format!("cgroup {}", c.display()));
         }
     } else {
-        // The server's own cgroup parent, `/berth/<12 hex of sha256(<data dir>/run)>`,
-        // goes with its last sandbox.
+        // The server's own cgroup parents, `/berth/<12 hex of sha256(<data dir>/run)>`
+        // (namespace driver) and `…(<data dir>/vm)>` (microVM driver), go with their
+        // last sandbox.
         use sha2::Digest;
-        let run = data_dir.join("run");
-        let digest = sha2::Sha256::digest(run.as_os_str().as_encoded_bytes());
-        let server: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        for h in std::fs::read_dir("/sys/fs/cgroup")
+        for driver_dir in ["run", "vm"] {
+            let dir = data_dir.join(driver_dir);
+            let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+            let server: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+            for h in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let parent = h.path().join("berth").join(&server);
+                if parent.is_dir() {
+                    found.push(format!("cgroup {}", parent.display()));
+                }
+            }
+        }
+        // QEMU's channel sockets and VM dirs.
+        let vm = data_dir.join("vm");
+        for entry in std::fs::read_dir(&vm).into_iter().flatten().flatten() {
+            if entry.file_name() != ".sock" {
+                found.push(format!("vm dir {}", entry.path().display()));
+            }
+        }
+        for entry in std::fs::read_dir(vm.join(".sock"))
             .into_iter()
             .flatten()
             .flatten()
         {
-            let parent = h.path().join("berth").join(&server);
-            if parent.is_dir() {
-                found.push(format!("cgroup {}", parent.display()));
-            }
+            found.push(format!("socket {}", entry.path().display()));
         }
     }
     found

@@ -1,0 +1,95 @@
+//! The server's sandbox drivers: namespace always, microVM where QEMU is installed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use berth_sandbox::microvm::vmm::{Accel, Qemu};
+use berth_sandbox::{Drivers, MicroVmConfig, MicroVmDriver, NamespaceConfig, NamespaceDriver};
+
+use crate::cli::{AccelArg, ServerArgs};
+use crate::images::BuiltImages;
+
+pub struct ServerDrivers {
+    pub drivers: Drivers,
+    pub microvm: Option<Arc<MicroVmDriver>>,
+    /// Why there is no microVM driver.
+    pub microvm_missing: Option<String>,
+    pub images: Arc<BuiltImages>,
+}
+
+pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers> {
+    let berth_exe = std::env::current_exe().context("cannot find the berth binary")?;
+    let mut ns = NamespaceConfig::new(data_dir, berth_exe);
+    ns.uid_base = args.uid_base;
+    let namespace =
+        NamespaceDriver::new(ns).context("the namespace sandbox driver cannot run on this host")?;
+    let images = Arc::new(BuiltImages {
+        root: args
+            .guest_images
+            .clone()
+            .unwrap_or_else(|| data_dir.to_path_buf()),
+    });
+    let qemu = Qemu::default();
+    let (microvm, microvm_missing) = if qemu.available() {
+        let accel = match args.microvm_accel {
+            AccelArg::Auto => None,
+            AccelArg::Kvm => Some(Accel::Kvm),
+            AccelArg::Tcg => Some(Accel::Tcg),
+        };
+        let driver = MicroVmDriver::new(
+            MicroVmConfig::new(data_dir),
+            Arc::new(qemu),
+            images.clone(),
+            accel,
+        )
+        .context("cannot prepare the microVM driver's directories")?;
+        (Some(Arc::new(driver)), None)
+    } else {
+        let why = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)";
+        (None, Some(why.to_string()))
+    };
+    let drivers = Drivers::new(
+        Arc::new(namespace),
+        microvm
+            .clone()
+            .map(|d| d as Arc<dyn berth_core::driver::Driver>)
+            .ok_or_else(|| microvm_missing.clone().unwrap_or_default()),
+    );
+    Ok(ServerDrivers {
+        drivers,
+        microvm,
+        microvm_missing,
+        images,
+    })
+}
+
+/// `berth server --info`: what this host supports. Probes KVM when a `host` guest
+/// image is built (booting it once).
+pub async fn print_info(d: &ServerDrivers, data_dir: &Path) {
+    use berth_sandbox::GuestImages;
+    println!("berth {}", env!("CARGO_PKG_VERSION"));
+    println!("data dir: {}", data_dir.display());
+    println!("driver namespace: yes (youki libcontainer)");
+    let Some(vm) = &d.microvm else {
+        println!(
+            "driver microvm: no ({})",
+            d.microvm_missing.as_deref().unwrap_or("unavailable")
+        );
+        return;
+    };
+    println!("driver microvm: yes ({})", vm.vmm_name());
+    match d.images.find(berth_api::runtime::defaults::IMAGE_HOST) {
+        Err(why) => println!("microvm accel: unknown until a guest image exists: {why}"),
+        Ok(image) => match vm.accel() {
+            Some(accel) => println!("microvm accel: {} (fixed by --microvm-accel)", accel.name()),
+            None => match vm.probe_kvm(&image).await {
+                Ok(boot) => println!("microvm accel: kvm (guest booted in {boot:?})"),
+                Err(why) => println!(
+                    "microvm accel: tcg — WARNING: software emulation, for development and \
+                     tests only; KVM cannot boot the guest here: {why}"
+                ),
+            },
+        },
+    }
+}
