@@ -245,11 +245,18 @@ impl Core {
         match guest.shell_open(request).await {
             Ok(info) => {
                 let info = info.into_inner();
-                // Under the session lock, and only if the sandbox is still the one the
-                // shell was opened in: a stop ends the recorders it finds, so none may
-                // start behind its back.
+                // The id names the recording's file: take it from the guest only if it
+                // is a valid one, and the one asked for.
+                let id_ok = berth_api::shell::validate_shell_id("shell_id", &info.shell_id)
+                    .is_ok()
+                    && (shell.is_empty() || info.shell_id == shell);
+                // The recorder starts under the session lock, and only if the sandbox
+                // is still the one the shell was opened in: a stop ends the recorders
+                // it finds, so none may start behind its back.
                 let live = slot.live.lock().await;
-                if live
+                if !id_ok {
+                    tracing::warn!(session = session_id, shell = ?info.shell_id, "the guest answered with another shell id; not recording it");
+                } else if live
                     .as_ref()
                     .is_some_and(|l| l.sandbox.init_pid == sandbox.init_pid)
                 {
