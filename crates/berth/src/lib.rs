@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod images;
 mod terminal;
 mod units;
 

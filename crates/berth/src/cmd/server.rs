@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use berth_core::{Core, CoreConfig};
-use berth_sandbox::{NamespaceConfig, NamespaceDriver};
 use berth_server::{AppState, Tokens};
 
 use crate::cli::ServerArgs;
@@ -29,17 +28,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .canonicalize()
         .context("cannot resolve the data dir")?;
 
-    let berth_exe = std::env::current_exe().context("cannot find the berth binary")?;
-    let mut ns = NamespaceConfig::new(&data_dir, berth_exe);
-    ns.uid_base = args.uid_base;
-    let driver =
-        NamespaceDriver::new(ns).context("the namespace sandbox driver cannot run on this host")?;
+    let drivers = super::drivers::build(&args, &data_dir)?;
     if args.info {
-        println!("berth {}", env!("CARGO_PKG_VERSION"));
-        println!("driver: namespace (youki libcontainer)");
-        println!("data dir: {}", data_dir.display());
+        super::drivers::print_info(&drivers, &data_dir).await;
         return Ok(());
     }
+    if drivers.microvm.is_none() {
+        tracing::info!(
+            "microVM isolation unavailable: {}",
+            drivers.microvm_missing.as_deref().unwrap_or_default()
+        );
+    }
+    let driver = drivers.drivers;
 
     let store = berth_store::Store::open(&data_dir.join("state.db")).await?;
     let tokens = Arc::new(Tokens::default());
