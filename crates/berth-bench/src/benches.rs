@@ -1,4 +1,4 @@
-//! The benchmarks of issue 2. Each adds its figures (and component timings that explain them)
+//! The benchmarks of issue 2 (and the dispatch to those of issues 3 and 4). Each adds its figures (and component timings that explain them)
 //! to the report.
 
 use std::collections::BTreeMap;
@@ -20,7 +20,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn argv(args: &[&str]) -> CommandRequest {
+pub(crate) fn argv(args: &[&str]) -> CommandRequest {
     CommandRequest {
         argv: Some(args.iter().map(|s| s.to_string()).collect()),
         ..Default::default()
@@ -28,15 +28,15 @@ fn argv(args: &[&str]) -> CommandRequest {
 }
 
 /// Timings and output of one command, measured from just before the request is sent.
-struct Timed {
-    started: Duration,
-    exit: Duration,
-    stdout: Vec<u8>,
+pub(crate) struct Timed {
+    pub started: Duration,
+    pub exit: Duration,
+    pub stdout: Vec<u8>,
 }
 
 /// Run `req` in `session` and time the `started` and `exit` events; a non-zero exit, an
 /// `error` event or a missing event is an error.
-async fn timed(ctx: &Ctx, session: &str, req: &CommandRequest) -> Result<Timed> {
+pub(crate) async fn timed(ctx: &Ctx, session: &str, req: &CommandRequest) -> Result<Timed> {
     let t0 = Instant::now();
     let mut events = ctx
         .client
@@ -137,7 +137,7 @@ fn sandbox_ready_lines(log: &str) -> BTreeMap<String, Vec<StartLine>> {
     out
 }
 
-fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -155,7 +155,7 @@ fn strip_ansi(s: &str) -> String {
 }
 
 /// Parse `Duration`'s `Debug` form: `12.3ms`, `1.5s`, `950µs`, `80ns`.
-fn parse_debug_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_debug_duration(s: &str) -> Option<Duration> {
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (n, unit) = s.split_at(split);
     let n: f64 = n.parse().ok()?;
@@ -229,6 +229,15 @@ pub(crate) async fn run_all(
             .await
             .context("shells benchmark")?;
     }
+    if ctx.enabled("microvm") {
+        eprintln!(
+            "berth-bench: microvm ({} new sessions, {} idle VMs)",
+            ctx.args.vm_runs, ctx.args.vm_idle
+        );
+        crate::microvm::run(ctx, server, figures, notes)
+            .await
+            .context("microvm benchmark")?;
+    }
     Ok(())
 }
 
@@ -296,45 +305,111 @@ fn driver_figures(key: &str, label: &str, starts: &[StartLine]) -> Vec<Figure> {
     out
 }
 
-/// Benchmark 1: First command on a brand-new session id: creates the session, its
-/// workspace image and its sandbox. Each id is checked to be unknown to the server
-/// first, and the server log tells whether the workspace came from a spare image or
-/// from mkfs (the driver keeps two spares and refills them ~50 ms after use, so back to
-/// back runs can empty the pool).
-async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
-    let req = argv(&["true"]);
-    let mut started = Vec::new();
-    let mut exit = Vec::new();
-    let mut measured = Vec::new();
-    for i in 0..ctx.args.warmup + ctx.args.runs {
-        let id = ctx.session(&format!("new-{i}"));
+/// How [`new_session_runs`] runs: `warmup` unmeasured then `runs` measured first
+/// commands, each on a fresh id `<prefix><tag>-<i>`.
+pub(crate) struct NewRuns<'a> {
+    pub tag: &'a str,
+    /// Runtime of the new sessions (`None` = `default`).
+    pub runtime: Option<&'a str>,
+    pub warmup: usize,
+    pub runs: usize,
+    /// Pause before each run.
+    pub gap: Duration,
+    /// Keep every session until the end instead of deleting it after its run.
+    pub keep: bool,
+    /// Print each run's time on stderr (for slow runs).
+    pub progress: bool,
+}
+
+/// The measured runs of [`new_session_runs`].
+pub(crate) struct NewTimes {
+    /// Session ids of the measured runs, in order (all deleted by now).
+    pub ids: Vec<String>,
+    /// Request sent → `started` (first output), ms.
+    pub started: Vec<f64>,
+    /// Request sent → `exit`, ms.
+    pub exit: Vec<f64>,
+}
+
+/// First command (`true`) on brand-new session ids: each request creates the session,
+/// its workspace image and its sandbox. Each id is checked to be unknown to the server
+/// first; each session is deleted after its run (untimed) unless `keep`, and in any
+/// case before this returns.
+pub(crate) async fn new_session_runs(ctx: &Ctx, how: &NewRuns<'_>) -> Result<NewTimes> {
+    let req = CommandRequest {
+        runtime: how.runtime.map(str::to_string),
+        ..argv(&["true"])
+    };
+    let mut out = NewTimes {
+        ids: Vec::new(),
+        started: Vec::new(),
+        exit: Vec::new(),
+    };
+    for i in 0..how.warmup + how.runs {
+        let id = ctx.session(&format!("{}-{i}", how.tag));
         match ctx.client.get_session(&id).await {
             Err(e) if e.code() == Some(berth_api::ErrorCode::NotFound) => {}
             Ok(_) => bail!("session {id} exists before its first command"),
             Err(e) => return Err(e).context(format!("cannot look up session {id}")),
         }
-        if ctx.args.new_gap_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(ctx.args.new_gap_ms)).await;
+        if !how.gap.is_zero() {
+            tokio::time::sleep(how.gap).await;
         }
         let t = timed(ctx, &id, &req).await?;
-        if i >= ctx.args.warmup {
-            started.push(ms(t.started));
-            exit.push(ms(t.exit));
-            measured.push(id.clone());
+        let measured = i >= how.warmup;
+        if measured {
+            out.started.push(ms(t.started));
+            out.exit.push(ms(t.exit));
+            out.ids.push(id.clone());
+        }
+        if how.progress {
+            eprintln!(
+                "berth-bench: {} run {}/{}{}: `started` after {} ms",
+                how.tag,
+                i + 1,
+                how.warmup + how.runs,
+                if measured { "" } else { " (warm-up)" },
+                num(ms(t.started))
+            );
         }
         if i == 0 {
             ctx.observe_cgroup(&id);
         }
-        if !ctx.args.new_keep {
+        if !how.keep {
             ctx.delete(&id).await?;
         }
     }
-    if ctx.args.new_keep {
+    if how.keep {
         let failed = ctx.delete_all().await;
         if !failed.is_empty() {
             bail!("cannot delete sessions: {failed:?}");
         }
     }
+    Ok(out)
+}
+
+/// Benchmark 1: First command on a brand-new session id ([`new_session_runs`]); the
+/// server log tells whether the workspace came from a spare image or from mkfs (the
+/// driver keeps two spares and refills them ~50 ms after use, so back to back runs can
+/// empty the pool).
+async fn new_session(ctx: &Ctx, server: &Server, figures: &mut Vec<Figure>) -> Result<()> {
+    let NewTimes {
+        ids: measured,
+        started,
+        exit,
+    } = new_session_runs(
+        ctx,
+        &NewRuns {
+            tag: "new",
+            runtime: None,
+            warmup: ctx.args.warmup,
+            runs: ctx.args.runs,
+            gap: Duration::from_millis(ctx.args.new_gap_ms),
+            keep: ctx.args.new_keep,
+            progress: false,
+        },
+    )
+    .await?;
     let starts = starts_of(server, &measured, 0);
     if starts.len() != measured.len() {
         bail!(

@@ -192,6 +192,74 @@ pub fn proc_memory(pid: i32) -> Option<ProcMemory> {
     })
 }
 
+/// One mapping of `/proc/PID/smaps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapping {
+    /// `rw-p`, `r-xp`, …
+    pub perms: String,
+    /// The file, `[heap]`, `[stack]`, … or empty.
+    pub path: String,
+    /// Anonymous memory: no inode, and no name or an `[anon:…]` one.
+    pub anon: bool,
+    pub size: u64,
+    pub rss: u64,
+    pub pss: u64,
+    /// Resident anonymous pages (private copies included: a written private file
+    /// mapping has some).
+    pub anonymous: u64,
+}
+
+/// Parse `/proc/PID/smaps`: a header line per mapping (`start-end perms offset dev inode
+/// [path]`) followed by `Key: N kB` lines.
+pub fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        let is_header = first.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && a.chars().all(|c| c.is_ascii_hexdigit())
+                && b.chars().all(|c| c.is_ascii_hexdigit())
+        });
+        if is_header {
+            let perms = words.next().unwrap_or_default().to_string();
+            let _offset = words.next();
+            let _dev = words.next();
+            let inode = words.next().unwrap_or_default();
+            let path = words.collect::<Vec<_>>().join(" ");
+            out.push(Mapping {
+                anon: inode == "0" && (path.is_empty() || path.starts_with("[anon")),
+                perms,
+                path,
+                size: 0,
+                rss: 0,
+                pss: 0,
+                anonymous: 0,
+            });
+            continue;
+        }
+        let Some(m) = out.last_mut() else {
+            continue;
+        };
+        let kb = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        match first {
+            "Size:" => m.size = kb(words.next()),
+            "Rss:" => m.rss = kb(words.next()),
+            "Pss:" => m.pss = kb(words.next()),
+            "Anonymous:" => m.anonymous = kb(words.next()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The mappings of a process; `None` when it is gone.
+pub fn smaps(pid: i32) -> Option<Vec<Mapping>> {
+    fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .ok()
+        .map(|t| parse_smaps(&t))
+}
+
 /// User + system CPU time of a process (threads included), in seconds.
 pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -264,5 +332,56 @@ impl Machine {
                 .to_string(),
             cgroup: if unified() { "v2" } else { "v1" },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_mappings() {
+        let text = "\
+55d0c0a00000-55d0c0c00000 r-xp 00000000 fe:01 1234   /usr/bin/qemu-system-x86_64
+Size:               2048 kB
+KernelPageSize:        4 kB
+Rss:                1024 kB
+Pss:                 512 kB
+VmFlags: rd ex mr mw me
+7f0000000000-7f0020000000 rw-p 00000000 00:00 0 
+Size:             524288 kB
+Rss:              102400 kB
+Pss:              102400 kB
+Anonymous:        102400 kB
+THPeligible:    1
+7f0100000000-7f0100001000 rw-p 00000000 00:00 0    [anon:guard]
+Size:                  4 kB
+Rss:                   0 kB
+Pss:                   0 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0    [stack]
+Size:                132 kB
+Rss:                  16 kB
+Pss:                  16 kB
+";
+        let maps = parse_smaps(text);
+        assert_eq!(maps.len(), 4);
+        assert_eq!(maps[0].path, "/usr/bin/qemu-system-x86_64");
+        assert!(!maps[0].anon);
+        assert_eq!(
+            (maps[0].size, maps[0].rss, maps[0].pss),
+            (2 << 20, 1 << 20, 512 << 10)
+        );
+        assert!(maps[1].anon && maps[1].path.is_empty());
+        assert_eq!((maps[1].size, maps[1].rss), (512 << 20, 100 << 20));
+        assert_eq!((maps[0].anonymous, maps[1].anonymous), (0, 100 << 20));
+        assert!(maps[2].anon);
+        assert!(!maps[3].anon);
+        assert_eq!(maps[3].path, "[stack]");
+    }
+
+    #[test]
+    fn own_smaps() {
+        let maps = smaps(std::process::id() as i32).expect("own smaps");
+        assert!(maps.iter().any(|m| m.rss > 0));
     }
 }

@@ -1,14 +1,17 @@
 //! The benchmark harness behind `berth-bench`: it starts a real `berth server` on a
 //! fresh temporary data dir, runs the benchmarks of issue 2 against it over the native
 //! API (and the CLI for one reference figure) and those of issue 3 over the shell attach
-//! WebSocket (`--only shells`), deletes every session it made, stops
-//! the server with SIGTERM and checks that nothing was left behind.
+//! WebSocket (`--only shells`) and, only when asked for with `--only microvm`, those of
+//! issue 4 (microVM image build, boot, first output, memory overhead); it deletes every
+//! session it made, stops the server with SIGTERM and checks that nothing was left
+//! behind.
 //!
 //! Results are printed as a markdown table; `--json` also writes them as JSON.
 //! `docs/benchmarks.md` records runs on a real machine.
 
 mod benches;
 pub mod host;
+mod microvm;
 pub mod report;
 mod server;
 mod shells;
@@ -33,7 +36,13 @@ const ALL: &[&str] = &[
     "memory",
     "concurrency",
     "shells",
+    "microvm",
 ];
+
+/// Benchmarks left out when `--only` is not given: `microvm` builds a 3 GiB guest image
+/// (and downloads a kernel) and boots ~30 VMs, minutes under TCG, where the default set
+/// takes under a minute.
+const OPT_IN: &[&str] = &["microvm"];
 
 /// Measure Berth against a real server started on a temporary data dir (needs root).
 #[derive(Debug, Clone, Parser)]
@@ -95,8 +104,28 @@ pub struct Args {
     /// Lines (`seq 1 N`) each streaming shell prints.
     #[arg(long, default_value_t = 20000)]
     pub shell_lines: u64,
+    /// Measured new microVM sessions (`--only microvm`), after --warmup unmeasured ones.
+    #[arg(long, default_value_t = 20)]
+    pub vm_runs: usize,
+    /// Guest RAM of the microVM runtime (`--memory`; K/M/G suffixes).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub vm_memory: u64,
+    /// Idle microVMs started for the memory overhead figure.
+    #[arg(long, default_value_t = 5)]
+    pub vm_idle: usize,
+    /// Seconds to let the idle microVMs settle before reading their memory.
+    #[arg(long, default_value_t = 5)]
+    pub vm_settle_s: u64,
+    /// Use the guest images already built in this data dir (`--guest-images` of the
+    /// server) instead of building them, and skip the image build figures.
+    #[arg(long, value_name = "DIR")]
+    pub guest_images: Option<PathBuf>,
+    /// Passed to `berth server --microvm-accel` (auto, kvm or tcg); the server's own
+    /// default (auto: KVM when it boots the guest, else TCG) when absent.
+    #[arg(long)]
+    pub microvm_accel: Option<String>,
     /// Comma-separated subset of: new, rtt, resume, throughput, memory, concurrency,
-    /// shells.
+    /// shells, microvm. Default: all but microvm.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Skip the `berth exec … > /dev/null` throughput figure.
@@ -111,6 +140,18 @@ pub struct Args {
     /// Where the temporary data dir goes.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub tmp_dir: PathBuf,
+}
+
+impl Args {
+    /// Whether benchmark `name` runs: listed in `--only`, or `--only` absent and the
+    /// benchmark not opt-in.
+    pub fn enabled(&self, name: &str) -> bool {
+        if self.only.is_empty() {
+            !OPT_IN.contains(&name)
+        } else {
+            self.only.iter().any(|o| o == name)
+        }
+    }
 }
 
 /// Parse `1G`, `512M`, `4096` (K/M/G are powers of 1024).
@@ -214,7 +255,7 @@ impl Ctx {
     }
 
     pub fn enabled(&self, name: &str) -> bool {
-        self.args.only.is_empty() || self.args.only.iter().any(|o| o == name)
+        self.args.enabled(name)
     }
 }
 
@@ -234,9 +275,13 @@ pub fn main_exec(args: Args) -> Result<()> {
     {
         bail!("--echo-runs, --reattach-runs, --shell-streams and --shell-lines must be at least 1");
     }
+    if args.vm_runs == 0 || args.vm_idle == 0 {
+        bail!("--vm-runs and --vm-idle must be at least 1");
+    }
     let needed = args
         .concurrent_sessions
         .max(args.memory_sandboxes)
+        .max(args.vm_idle)
         .max(if args.new_keep {
             args.runs + args.warmup
         } else {
@@ -262,11 +307,22 @@ pub fn main_exec(args: Args) -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let machine = host::Machine::probe();
     let date_utc = chrono_free_utc_now();
+    let mut figures = Vec::new();
+    let mut notes = Vec::new();
+    // The guest images exist before the server starts; a built temp dir is removed
+    // when `images` drops, after the server has stopped.
+    let images = if args.enabled("microvm") {
+        Some(microvm::images(&args, &mut figures, &mut notes).await?)
+    } else {
+        None
+    };
     let mut server = Server::start(
         &args.berth,
         args.max_sandboxes,
         args.shell_streams + 2,
         &args.tmp_dir,
+        images.as_ref().map(microvm::Images::dir),
+        args.microvm_accel.as_deref(),
     )
     .await?;
     eprintln!(
@@ -298,8 +354,6 @@ async fn run(args: Args) -> Result<()> {
         .await
         .context("GET /v1/info sent bad JSON")?;
 
-    let mut figures = Vec::new();
-    let mut notes = Vec::new();
     let outcome = benches::run_all(&ctx, &server, &mut figures, &mut notes).await;
 
     let undeleted = ctx.delete_all().await;
@@ -307,6 +361,7 @@ async fn run(args: Args) -> Result<()> {
         notes.push(format!("sessions that could not be deleted: {undeleted:?}"));
     }
     let stop = server.shutdown();
+    drop(images);
     let server_log = server.final_log.clone();
     if let Some(path) = &args.server_log {
         if let Err(e) = std::fs::write(path, &server_log) {
@@ -395,6 +450,27 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("1T").is_err());
         assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn microvm_is_opt_in() {
+        let args = |only: &[&str]| {
+            let mut argv = vec!["berth-bench"];
+            if !only.is_empty() {
+                argv.push("--only");
+            }
+            let joined = only.join(",");
+            if !only.is_empty() {
+                argv.push(&joined);
+            }
+            Args::parse_from(argv)
+        };
+        let default = args(&[]);
+        assert!(default.enabled("new") && default.enabled("shells"));
+        assert!(!default.enabled("microvm"));
+        let vm = args(&["microvm"]);
+        assert!(vm.enabled("microvm") && !vm.enabled("new"));
+        assert!(args(&["new", "microvm"]).enabled("microvm"));
     }
 
     #[test]

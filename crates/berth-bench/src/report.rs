@@ -14,11 +14,19 @@ pub enum Cmp {
     AtLeast,
 }
 
-/// A target from issue 2, compared against a figure's headline value.
+/// A target from the issues, compared against a figure's headline value.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     pub cmp: Cmp,
     pub value: f64,
+    /// Where the target is set, e.g. `KVM` (microVM targets differ by accelerator);
+    /// `None` = everywhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Why this run is not held to the target (e.g. `TCG` for a KVM target): the
+    /// value is still compared with it, but the figure's `met` stays empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_applicable: Option<String>,
 }
 
 impl Target {
@@ -26,13 +34,27 @@ impl Target {
         Self {
             cmp: Cmp::AtMost,
             value,
+            scope: None,
+            not_applicable: None,
         }
     }
     pub fn at_least(value: f64) -> Self {
         Self {
             cmp: Cmp::AtLeast,
             value,
+            scope: None,
+            not_applicable: None,
         }
+    }
+    /// A target set for `scope` only (e.g. `KVM`).
+    pub fn under(mut self, scope: &str) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+    /// This run is not held to the target, because of `why` (e.g. `TCG`).
+    pub fn not_applicable(mut self, why: &str) -> Self {
+        self.not_applicable = Some(why.into());
+        self
     }
     pub fn met(&self, v: f64) -> bool {
         match self.cmp {
@@ -45,7 +67,43 @@ impl Target {
             Cmp::AtMost => "≤",
             Cmp::AtLeast => "≥",
         };
-        format!("{op} {} {unit}", num(self.value))
+        match &self.scope {
+            Some(scope) => format!("{op} {} {unit} ({scope})", num(self.value)),
+            None => format!("{op} {} {unit}", num(self.value)),
+        }
+    }
+}
+
+/// A further target of a figure (e.g. the KVM target beside the TCG one) and how the
+/// value compares with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    pub target: Target,
+    /// `None` when the target does not apply to this run.
+    pub met: Option<bool>,
+    /// The comparison itself, whether or not the target applies.
+    pub within: bool,
+}
+
+impl TargetCheck {
+    fn of(target: Target, value: f64) -> Self {
+        let within = target.met(value);
+        Self {
+            met: target.not_applicable.is_none().then_some(within),
+            within,
+            target,
+        }
+    }
+
+    fn met_text(&self) -> String {
+        match (&self.target.not_applicable, self.met) {
+            (Some(why), _) => format!(
+                "n/a ({why}); would be {}",
+                if self.within { "yes" } else { "**no**" }
+            ),
+            (None, Some(true)) => "yes".into(),
+            (None, _) => "**no**".into(),
+        }
     }
 }
 
@@ -64,7 +122,12 @@ pub struct Figure {
     /// Which statistic `value` is: `p50`, `mean`, `count`, `total`.
     pub value_is: &'static str,
     pub target: Option<Target>,
+    /// Whether `value` meets `target`; `None` without a target or when the target does
+    /// not apply to this run (see `Target::not_applicable`).
     pub met: Option<bool>,
+    /// Targets beyond `target`, each with its comparison.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub more_targets: Vec<TargetCheck>,
     pub note: String,
 }
 
@@ -82,6 +145,7 @@ impl Figure {
             value_is: "p50",
             target: None,
             met: None,
+            more_targets: Vec::new(),
             note: String::new(),
         }
     }
@@ -103,13 +167,20 @@ impl Figure {
             value_is,
             target: None,
             met: None,
+            more_targets: Vec::new(),
             note: String::new(),
         }
     }
 
     pub fn target(mut self, t: Target) -> Self {
-        self.met = Some(t.met(self.value));
+        self.met = t.not_applicable.is_none().then(|| t.met(self.value));
         self.target = Some(t);
+        self
+    }
+
+    /// One more target, shown after the first in the same row.
+    pub fn also_target(mut self, t: Target) -> Self {
+        self.more_targets.push(TargetCheck::of(t, self.value));
         self
     }
 
@@ -183,12 +254,16 @@ impl Report {
                 Some(s) => (num(s.p50), num(s.p95), num(s.p99)),
                 None => ("".into(), "".into(), "".into()),
             };
-            let target = f.target.as_ref().map_or(String::new(), |t| t.text(f.unit));
-            let met = match f.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "",
-            };
+            let checks: Vec<TargetCheck> = f
+                .target
+                .iter()
+                .map(|t| TargetCheck::of(t.clone(), f.value))
+                .chain(f.more_targets.iter().cloned())
+                .collect();
+            let target: Vec<String> = checks.iter().map(|c| c.target.text(f.unit)).collect();
+            let target = target.join("; ");
+            let met: Vec<String> = checks.iter().map(TargetCheck::met_text).collect();
+            let met = met.join("; ");
             let _ = writeln!(
                 out,
                 "| {} | {} | {p50} | {p95} | {p99} | {} {} ({}) | {target} | {met} |",

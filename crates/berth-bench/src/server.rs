@@ -28,11 +28,15 @@ pub struct Server {
 
 impl Server {
     /// Spawn `berth server` on 127.0.0.1 at a free port and wait until it answers.
+    /// `guest_images` and `microvm_accel` become `--guest-images` and
+    /// `--microvm-accel` when given.
     pub async fn start(
         berth: &Path,
         max_sandboxes: usize,
         max_shells: usize,
         tmp_base: &Path,
+        guest_images: Option<&Path>,
+        microvm_accel: Option<&str>,
     ) -> Result<Self> {
         let berth = berth
             .canonicalize()
@@ -55,8 +59,15 @@ impl Server {
         let log_err = log_file
             .try_clone()
             .context("cannot duplicate the log file")?;
-        let child = Command::new(&berth)
-            .arg("server")
+        let mut cmd = Command::new(&berth);
+        cmd.arg("server");
+        if let Some(dir) = guest_images {
+            cmd.arg("--guest-images").arg(dir);
+        }
+        if let Some(accel) = microvm_accel {
+            cmd.arg("--microvm-accel").arg(accel);
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--listen")
@@ -65,7 +76,8 @@ impl Server {
             .arg(max_sandboxes.to_string())
             .arg("--max-shells")
             .arg(max_shells.to_string())
-            // `sandbox ready helper=… total=…` lines give the start-up breakdown.
+            // `sandbox ready helper=… total=…` and `microvm ready boot=… spawn_to_health=…`
+            // lines give the start-up breakdown.
             .env("RUST_LOG", "info,berth_sandbox=debug")
             .env_remove("BERTH_DATA_DIR")
             .env_remove("BERTH_LISTEN")

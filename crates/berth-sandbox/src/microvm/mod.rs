@@ -405,7 +405,16 @@ impl MicroVmDriver {
         let guest = self
             .wait_for_guest(&paths, vmm, self.config.boot_deadline)
             .await?;
-        tracing::debug!(session = %session, accel = accel.name(), boot = ?t0.elapsed(), "microvm ready");
+        tracing::debug!(
+            session = %session,
+            accel = accel.name(),
+            boot = ?t0.elapsed(),
+            spawn_to_health = ?fs::metadata(paths.vmm_log())
+                .and_then(|m| m.created())
+                .ok()
+                .and_then(|t| t.elapsed().ok()),
+            "microvm ready"
+        );
         self.guests
             .lock()
             .map(|mut g| g.insert(session.clone(), guest.clone()))
