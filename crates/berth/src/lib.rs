@@ -17,6 +17,14 @@ pub const EXIT_BERTH_ERROR: u8 = 125;
 /// commands and parse their own flags.
 pub fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The kernel starts the initramfs's `/init` (this binary) with arguments of its own
+    // choosing; the VM's options come from /proc/cmdline instead.
+    if args
+        .first()
+        .is_some_and(|argv0| berth_guest::agent::vm::is_vm_init(argv0))
+    {
+        berth_guest::agent::vm::main();
+    }
     let first = args
         .get(1)
         .and_then(|a| a.to_str())

@@ -1,8 +1,9 @@
-//! The guest agent process: `berth guest --listen SOCKET`.
+//! The guest agent process: `berth guest --listen SOCKET`, or `/init` of a microVM.
 //!
 //! Runs as PID 1 of a sandbox (or as an ordinary process in development and tests) and
-//! serves the guest protocol on a unix socket. See `README.md` at the crate root for the
-//! protocol decisions, exec semantics and the reaper design.
+//! serves the guest protocol on a unix socket, or on a virtio-serial port in a VM
+//! (`vm/`). See `README.md` at the crate root for the protocol decisions, exec semantics
+//! and the reaper design.
 
 mod exec;
 mod files;
@@ -10,18 +11,22 @@ mod reaper;
 mod recording;
 mod shell;
 mod sys;
+pub mod vm;
 
 pub use shell::{CLIENT_QUEUE, RING};
 
 use std::collections::HashSet;
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::Stream;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
@@ -62,7 +67,12 @@ pub struct Options {
 /// `berth guest --listen SOCKET [--log-dir DIR]`.
 pub fn cli_main(args: Vec<OsString>) -> anyhow::Result<()> {
     let options = parse_args(args)?;
-    init_tracing();
+    init_tracing(true);
+    block_on(run(&options))
+}
+
+/// Run the agent's top-level future to completion on the runtime it is designed for.
+fn block_on(agent: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     // One thread: the agent's work is I/O multiplexing, a single thread measured as fast
     // as a multi-threaded runtime on the bulk-output path and saves cross-thread wakeups
     // and memory; filesystem work runs on tokio's blocking pool.
@@ -70,7 +80,7 @@ pub fn cli_main(args: Vec<OsString>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run(&options));
+    let result = runtime.block_on(agent);
     // Blocking file tasks may still be parked on a host that went away; do not wait.
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
@@ -126,12 +136,15 @@ fn prepare_log_dir(dir: &Path) -> Option<PathBuf> {
     }
 }
 
-fn init_tracing() {
+/// `ansi`: colours, unless the log goes to a VM's serial console, which the host keeps
+/// as a plain text file.
+fn init_tracing(ansi: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .compact()
         .try_init();
@@ -146,11 +159,24 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
     let listener = bind(listen)?;
     tracing::info!(pid, socket = %listen.display(), "guest agent listening");
+    serve(reaper, &options.log_dir, UnixListenerStream::new(listener)).await?;
+    let _ = std::fs::remove_file(listen);
+    Ok(())
+}
 
+/// Serve the guest protocol on each connection `incoming` yields until `Shutdown` or
+/// SIGTERM (after which every command is dead and the filesystems are synced).
+async fn serve<I, IO, IE>(reaper: Arc<Reaper>, log_dir: &Path, incoming: I) -> anyhow::Result<()>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let agent = Arc::new(Agent {
         reaper,
         groups: Mutex::new(HashSet::new()),
-        shells: shell::Shells::new(prepare_log_dir(&options.log_dir)),
+        shells: shell::Shells::new(prepare_log_dir(log_dir)),
         shutdown: Notify::new(),
     });
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -162,7 +188,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
                 .max_decoding_message_size(8 << 20)
                 .max_encoding_message_size(8 << 20),
         )
-        .serve_with_incoming(UnixListenerStream::new(listener));
+        .serve_with_incoming(incoming);
     tokio::select! {
         res = server => res.context("guest server failed")?,
         () = agent.shutdown.notified() => tracing::info!("shutting down on request"),
@@ -171,7 +197,6 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
             agent.kill_all().await;
         }
     }
-    let _ = std::fs::remove_file(listen);
     Ok(())
 }
 

@@ -110,3 +110,35 @@ pub(crate) fn async_pty(
     // long as the `AsyncFd` that owns the `PtyMaster` lives.
     Ok(unsafe { tokio::io::unix::AsyncFd::register(master) }?)
 }
+
+/// An epoll instance as tokio's reactor sees it: readable while it has events queued.
+pub(crate) struct EpollFd(nix::sys::epoll::Epoll);
+
+impl EpollFd {
+    pub(crate) fn epoll(&self) -> &nix::sys::epoll::Epoll {
+        &self.0
+    }
+}
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+/// Hand an epoll instance to tokio's reactor (nested epoll: ours reports edges of the
+/// descriptors it watches, tokio's reports that ours has some).
+pub(crate) fn async_epoll(
+    epoll: nix::sys::epoll::Epoll,
+) -> io::Result<tokio::io::unix::AsyncFd<EpollFd>> {
+    // SAFETY: `EpollFd` owns the epoll descriptor (the `OwnedFd` in `Epoll`, which
+    // nothing outside this module can reach or replace), closes it only when dropped and
+    // always returns the same one from `as_raw_fd`, so the fd stays open and unchanged
+    // for as long as the `AsyncFd` that owns the `EpollFd` lives.
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            EpollFd(epoll),
+            tokio::io::Interest::READABLE,
+        )
+    }?)
+}

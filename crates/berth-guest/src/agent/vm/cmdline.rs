@@ -1,0 +1,221 @@
+//! `berth.*` options on the kernel command line: the only input `/init` gets from the
+//! host before the guest protocol is up.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use base64::Engine as _;
+
+/// Where the workspace disk is mounted unless `berth.workspace_path` says otherwise.
+const DEFAULT_WORKSPACE_PATH: &str = "/mnt/workspace";
+/// `/proc/sys/kernel/hostname` holds at most 64 bytes.
+const MAX_HOSTNAME: usize = 64;
+
+/// What the host told the VM on the kernel command line.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct VmOptions {
+    /// `berth.workspace_path`: absolute, no `..`, not `/`.
+    pub workspace_path: PathBuf,
+    /// `berth.hostname` (default `berth`).
+    pub hostname: String,
+    /// `berth.overlay_size`: tmpfs `size=` of the writable root layer (default `50%` of
+    /// RAM, tmpfs's own default, stated so it is visible in `/proc/mounts`).
+    pub overlay_size: String,
+    /// `berth.log`: the agent's log filter (what `BERTH_LOG` is elsewhere).
+    pub log: Option<String>,
+    /// `berth.env=<base64url(JSON object of strings)>`: the runtime's environment,
+    /// overlaid on the defaults for every command (what the namespace driver puts in
+    /// its container spec).
+    pub env: BTreeMap<String, String>,
+    /// `berth.*` keys this version does not know; logged, not fatal, so a newer host can
+    /// pass options an older guest ignores.
+    pub unknown: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(super) enum CmdlineError {
+    #[error("berth.workspace_path {0:?} must be absolute, without `..`, and not /")]
+    WorkspacePath(String),
+    #[error("berth.hostname {0:?} must be 1 to 64 bytes without whitespace or `/`")]
+    Hostname(String),
+    #[error("berth.overlay_size {0:?} must be digits followed by k, m, g or %")]
+    OverlaySize(String),
+    #[error("berth.env is not base64url of a JSON object of strings: {0}")]
+    Env(String),
+    #[error("berth.env names an invalid variable {0:?}")]
+    EnvName(String),
+}
+
+impl VmOptions {
+    pub(super) fn parse(cmdline: &str) -> Result<VmOptions, CmdlineError> {
+        let mut options = VmOptions {
+            workspace_path: PathBuf::from(DEFAULT_WORKSPACE_PATH),
+            hostname: "berth".to_string(),
+            overlay_size: "50%".to_string(),
+            log: None,
+            env: BTreeMap::new(),
+            unknown: Vec::new(),
+        };
+        for word in words(cmdline) {
+            let Some(rest) = word.strip_prefix("berth.") else {
+                continue;
+            };
+            let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+            match key {
+                "workspace_path" => {
+                    let path = Path::new(&value);
+                    let ok = path.is_absolute()
+                        && path.components().all(|c| c != Component::ParentDir)
+                        && path.components().any(|c| matches!(c, Component::Normal(_)));
+                    if !ok {
+                        return Err(CmdlineError::WorkspacePath(value.to_string()));
+                    }
+                    options.workspace_path = path.to_path_buf();
+                }
+                "hostname" => {
+                    let ok = !value.is_empty()
+                        && value.len() <= MAX_HOSTNAME
+                        && !value.contains(|c: char| c.is_whitespace() || c == '/');
+                    if !ok {
+                        return Err(CmdlineError::Hostname(value.to_string()));
+                    }
+                    options.hostname = value.to_string();
+                }
+                "overlay_size" => {
+                    // It becomes part of a mount option string: anything but a plain
+                    // size could smuggle in other options.
+                    let digits = value.trim_end_matches(['k', 'm', 'g', 'K', 'M', 'G', '%']);
+                    let ok = !digits.is_empty()
+                        && digits.len() + 1 >= value.len()
+                        && digits.bytes().all(|b| b.is_ascii_digit());
+                    if !ok {
+                        return Err(CmdlineError::OverlaySize(value.to_string()));
+                    }
+                    options.overlay_size = value.to_string();
+                }
+                "log" => options.log = Some(value.to_string()),
+                "env" => options.env = parse_env(value)?,
+                _ => options.unknown.push(key.to_string()),
+            }
+        }
+        Ok(options)
+    }
+}
+
+fn parse_env(value: &str) -> Result<BTreeMap<String, String>, CmdlineError> {
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .map_err(|e| CmdlineError::Env(e.to_string()))?;
+    let env: BTreeMap<String, String> =
+        serde_json::from_slice(&json).map_err(|e| CmdlineError::Env(e.to_string()))?;
+    for (name, value) in &env {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            return Err(CmdlineError::EnvName(name.clone()));
+        }
+    }
+    Ok(env)
+}
+
+/// Split like the kernel does: on spaces outside double quotes, quotes removed. Words
+/// after a lone `--` belong to init's argv, not to us.
+fn words(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut in_word = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    if word == "--" {
+                        return words;
+                    }
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word && word != "--" {
+        words.push(word);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn defaults_without_berth_options() {
+        let options = VmOptions::parse("console=ttyS0 panic=-1 quiet\n").unwrap();
+        assert_eq!(options.workspace_path, Path::new("/mnt/workspace"));
+        assert_eq!(options.hostname, "berth");
+        assert_eq!(options.overlay_size, "50%");
+        assert_eq!(options.log, None);
+        assert!(options.env.is_empty());
+        assert!(options.unknown.is_empty());
+    }
+
+    #[test]
+    fn reads_berth_options_quotes_and_stops_at_dashdash() {
+        let options = VmOptions::parse(
+            "console=ttyS0 berth.workspace_path=\"/home/agent/work\" berth.hostname=my-task \
+             berth.overlay_size=256m berth.log=debug berth.future=1 -- berth.hostname=no",
+        )
+        .unwrap();
+        assert_eq!(options.workspace_path, Path::new("/home/agent/work"));
+        assert_eq!(options.hostname, "my-task");
+        assert_eq!(options.overlay_size, "256m");
+        assert_eq!(options.log.as_deref(), Some("debug"));
+        assert_eq!(options.unknown, vec!["future".to_string()]);
+    }
+
+    #[test]
+    fn reads_the_environment() {
+        let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let line = format!(
+            "berth.env={}",
+            encode(r#"{"GREETING":"hello world","PATH":"/opt/bin:/usr/bin"}"#)
+        );
+        let env = VmOptions::parse(&line).unwrap().env;
+        assert_eq!(env["GREETING"], "hello world");
+        assert_eq!(env["PATH"], "/opt/bin:/usr/bin");
+        for bad in ["!!", &encode("[1]"), &encode(r#"{"A":1}"#)] {
+            let err = VmOptions::parse(&format!("berth.env={bad}")).unwrap_err();
+            assert!(matches!(err, CmdlineError::Env(_)), "{bad}: {err}");
+        }
+        for bad in [r#"{"":"x"}"#, r#"{"A=B":"x"}"#] {
+            let err = VmOptions::parse(&format!("berth.env={}", encode(bad))).unwrap_err();
+            assert!(matches!(err, CmdlineError::EnvName(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in ["rel", "/a/../b", "/", ""] {
+            let err = VmOptions::parse(&format!("berth.workspace_path={bad}")).unwrap_err();
+            assert_eq!(err, CmdlineError::WorkspacePath(bad.to_string()));
+        }
+        for bad in ["", "a/b", &"h".repeat(65)] {
+            let err = VmOptions::parse(&format!("berth.hostname={bad}")).unwrap_err();
+            assert_eq!(err, CmdlineError::Hostname(bad.to_string()));
+        }
+        for bad in ["", "m", "1,mode=777", "12mm", "1x"] {
+            let err = VmOptions::parse(&format!("berth.overlay_size={bad}")).unwrap_err();
+            assert_eq!(err, CmdlineError::OverlaySize(bad.to_string()));
+        }
+        assert!(VmOptions::parse("berth.overlay_size=75%").is_ok());
+        assert!(VmOptions::parse("berth.overlay_size=1048576").is_ok());
+    }
+}
