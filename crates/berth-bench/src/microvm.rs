@@ -566,7 +566,8 @@ pub(crate) async fn run(
         )
         .target(overhead_target())
         .note(format!(
-            "Pss shares QEMU's binary and libraries among the {n} VMs; max {} MiB",
+            "Pss divides the pages the {n} VMs share (QEMU's binary and libraries, the boot \
+             files) among them; max {} MiB",
             num(max(&pss))
         )),
     );
