@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use berth_guest::client::{shell_attach, Guest, ShellAttachment};
 use berth_guest::proto::{
     shell_output, Empty, Exited, ShellAttachStart, ShellAttached, ShellInfo, ShellInput,
-    ShellKillRequest, ShellOpenRequest, ShellRecordingRequest,
+    ShellKillRequest, ShellOpenRequest,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -821,15 +821,6 @@ async fn a_recorder_gets_output_and_resizes_in_order_and_is_no_watcher() {
     // Everything, byte for byte, from the start.
     assert_eq!(&rec.seen[t.attached.offset as usize..], &t.seen[..]);
     assert!(!rec.text().contains("typed-by-the-recorder"));
-
-    // The guest keeps no recordings any more.
-    let err = guest
-        .shell_recording(ShellRecordingRequest {
-            shell_id: "rec".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
 }
 
 #[tokio::test]

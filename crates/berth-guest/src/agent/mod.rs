@@ -8,7 +8,6 @@
 mod exec;
 mod files;
 mod reaper;
-mod recording;
 mod shell;
 mod sys;
 pub mod vm;
@@ -36,8 +35,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::proto::guest_server::{Guest, GuestServer};
 use crate::proto::{
     Empty, ExecInput, FileInfo, HealthResponse, ListDirResponse, PathRequest, ReadFileRequest,
-    ShellInfo, ShellInput, ShellKillRequest, ShellListResponse, ShellOpenRequest,
-    ShellRecordingRequest, WriteFileInput, WriteFileResponse,
+    ShellInfo, ShellInput, ShellKillRequest, ShellListResponse, ShellOpenRequest, WriteFileInput,
+    WriteFileResponse,
 };
 use reaper::Reaper;
 
@@ -51,20 +50,16 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// How long `Shutdown` waits after replying before the process exits.
 const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
 
-const USAGE: &str = "usage: berth guest --listen <socket path> [--log-dir <dir>]";
-/// Where shell recordings go unless `--log-dir` says otherwise.
-const DEFAULT_LOG_DIR: &str = "/run/berth/log";
+const USAGE: &str = "usage: berth guest --listen <socket path>";
 
 /// What `berth guest` is told on its command line.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Options {
     /// The unix socket to serve on.
     pub listen: PathBuf,
-    /// Directory for shell recordings (created if missing).
-    pub log_dir: PathBuf,
 }
 
-/// `berth guest --listen SOCKET [--log-dir DIR]`.
+/// `berth guest --listen SOCKET`.
 pub fn cli_main(args: Vec<OsString>) -> anyhow::Result<()> {
     let options = parse_args(args)?;
     init_tracing(true);
@@ -88,15 +83,12 @@ fn block_on(agent: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<(
 
 fn parse_args(args: Vec<OsString>) -> anyhow::Result<Options> {
     let mut listen = None;
-    let mut log_dir = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let arg_str = arg.to_string_lossy();
         let (slot, value) = match arg_str.split_once('=') {
             Some(("--listen", value)) => (&mut listen, Some(PathBuf::from(value))),
-            Some(("--log-dir", value)) => (&mut log_dir, Some(PathBuf::from(value))),
             _ if arg_str == "--listen" => (&mut listen, None),
-            _ if arg_str == "--log-dir" => (&mut log_dir, None),
             _ if arg_str == "--help" || arg_str == "-h" => anyhow::bail!("{USAGE}"),
             _ => anyhow::bail!("unexpected argument {arg_str:?}\n{USAGE}"),
         };
@@ -111,29 +103,7 @@ fn parse_args(args: Vec<OsString>) -> anyhow::Result<Options> {
     }
     Ok(Options {
         listen: listen.with_context(|| format!("--listen is required\n{USAGE}"))?,
-        log_dir: log_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_LOG_DIR)),
     })
-}
-
-/// Create the recordings directory (owner-only: recordings hold whatever was typed).
-/// Without it shells still work, unrecorded.
-fn prepare_log_dir(dir: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let made = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir);
-    match made {
-        Ok(()) if dir.is_absolute() => Some(dir.to_path_buf()),
-        Ok(()) => {
-            tracing::warn!(dir = %dir.display(), "log dir is not absolute; shells are not recorded");
-            None
-        }
-        Err(err) => {
-            tracing::warn!(dir = %dir.display(), "cannot create the log dir, shells are not recorded: {err}");
-            None
-        }
-    }
 }
 
 /// `ansi`: colours, unless the log goes to a VM's serial console, which the host keeps
@@ -159,14 +129,14 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
     let listener = bind(listen)?;
     tracing::info!(pid, socket = %listen.display(), "guest agent listening");
-    serve(reaper, &options.log_dir, UnixListenerStream::new(listener)).await?;
+    serve(reaper, UnixListenerStream::new(listener)).await?;
     let _ = std::fs::remove_file(listen);
     Ok(())
 }
 
 /// Serve the guest protocol on each connection `incoming` yields until `Shutdown` or
 /// SIGTERM (after which every command is dead and the filesystems are synced).
-async fn serve<I, IO, IE>(reaper: Arc<Reaper>, log_dir: &Path, incoming: I) -> anyhow::Result<()>
+async fn serve<I, IO, IE>(reaper: Arc<Reaper>, incoming: I) -> anyhow::Result<()>
 where
     I: Stream<Item = Result<IO, IE>>,
     IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
@@ -176,7 +146,7 @@ where
     let agent = Arc::new(Agent {
         reaper,
         groups: Mutex::new(HashSet::new()),
-        shells: shell::Shells::new(prepare_log_dir(log_dir)),
+        shells: shell::Shells::new(),
         shutdown: Notify::new(),
     });
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -337,7 +307,6 @@ impl Guest for Service {
     type ExecStream = exec::OutputStream;
     type ReadFileStream = files::ChunkStream;
     type ShellAttachStream = shell::OutputStream;
-    type ShellRecordingStream = files::ChunkStream;
 
     async fn exec(&self, request: Request<Streaming<ExecInput>>) -> GuestResult<Self::ExecStream> {
         exec::exec(self.0.clone(), request.into_inner())
@@ -416,16 +385,6 @@ impl Guest for Service {
             .await
             .map(Response::new)
     }
-
-    async fn shell_recording(
-        &self,
-        request: Request<ShellRecordingRequest>,
-    ) -> GuestResult<Self::ShellRecordingStream> {
-        let path = self.0.shells.recording(&request.into_inner().shell_id)?;
-        files::read_file(path.to_string_lossy().into_owned(), false)
-            .await
-            .map(Response::new)
-    }
 }
 
 #[cfg(test)]
@@ -446,27 +405,19 @@ mod tests {
     }
 
     #[test]
-    fn parses_listen_and_log_dir() {
+    fn parses_listen() {
         let parse = |args: &[&str]| parse_args(args.iter().map(OsString::from).collect());
-        let opts = |listen: &str, log_dir: &str| Options {
+        let opts = |listen: &str| Options {
             listen: PathBuf::from(listen),
-            log_dir: PathBuf::from(log_dir),
         };
         assert_eq!(
             parse(&["--listen", "/run/g.sock"]).unwrap(),
-            opts("/run/g.sock", DEFAULT_LOG_DIR)
+            opts("/run/g.sock")
         );
-        assert_eq!(
-            parse(&["--listen=/run/g.sock", "--log-dir", "/tmp/l"]).unwrap(),
-            opts("/run/g.sock", "/tmp/l")
-        );
-        assert_eq!(
-            parse(&["--log-dir=/tmp/l", "--listen", "/g"]).unwrap(),
-            opts("/g", "/tmp/l")
-        );
+        assert_eq!(parse(&["--listen=/g"]).unwrap(), opts("/g"));
         assert!(parse(&[]).is_err());
         assert!(parse(&["--listen"]).is_err());
-        assert!(parse(&["--listen", "/g", "--log-dir"]).is_err());
+        assert!(parse(&["--listen", "/g", "--log-dir", "/tmp/l"]).is_err());
         assert!(parse(&["--bogus"]).is_err());
     }
 }

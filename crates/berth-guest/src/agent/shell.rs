@@ -14,7 +14,6 @@ use std::io::{self, Read as _, Write as _};
 use std::num::NonZeroU16;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -75,8 +74,7 @@ pub(crate) struct Shells {
 }
 
 impl Shells {
-    // TODO(recordings): the argument goes once agent/mod.rs drops `--log-dir`.
-    pub(crate) fn new(_log_dir: Option<PathBuf>) -> Shells {
+    pub(crate) fn new() -> Shells {
         Shells {
             map: Mutex::new(HashMap::new()),
         }
@@ -97,15 +95,6 @@ impl Shells {
         let mut shells: Vec<Arc<Shell>> = self.map().values().cloned().collect();
         shells.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));
         shells.iter().map(|s| s.info()).collect()
-    }
-
-    /// The retired `ShellRecording`: the host records shells (an attach with
-    /// `recorder`), outside the sandbox.
-    // TODO(recordings): goes with the `ShellRecording` handler in agent/mod.rs.
-    pub(crate) fn recording(&self, _id: &str) -> Result<PathBuf, Status> {
-        Err(Status::unimplemented(
-            "shell recordings are kept by the host (GET /v1/sessions/{id}/shells/{shell}/recording)",
-        ))
     }
 
     fn forget(&self, shell: &Arc<Shell>) {

@@ -1,6 +1,6 @@
 //! The agent under test: a separate process (this test binary re-executed into its
 //! `agent_process` test, or the real `berth guest` when `BERTH_GUEST_TEST_BIN` names the
-//! binary), listening on a socket in a temp dir, recording shells into that dir.
+//! binary), listening on a socket in a temp dir.
 #![allow(dead_code)] // each test file uses a different part
 
 use std::path::PathBuf;
@@ -10,16 +10,12 @@ use std::time::{Duration, Instant};
 use berth_guest::client::{connect_unix, Guest};
 
 const LISTEN_ENV: &str = "BERTH_GUEST_TEST_LISTEN";
-const LOG_DIR_ENV: &str = "BERTH_GUEST_TEST_LOG_DIR";
 
 /// The body of each test file's `agent_process` test: serve when re-executed as the
 /// agent, do nothing when run as a test.
 pub fn agent_process_entry() {
-    if let (Some(listen), Some(log_dir)) =
-        (std::env::var_os(LISTEN_ENV), std::env::var_os(LOG_DIR_ENV))
-    {
-        berth_guest::agent::cli_main(vec!["--listen".into(), listen, "--log-dir".into(), log_dir])
-            .unwrap();
+    if let Some(listen) = std::env::var_os(LISTEN_ENV) {
+        berth_guest::agent::cli_main(vec!["--listen".into(), listen]).unwrap();
     }
 }
 
@@ -38,7 +34,6 @@ impl TestAgent {
     pub fn start_with(wrapper: &[&str]) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("guest.sock");
-        let log_dir = dir.path().join("log");
         let real = std::env::var_os("BERTH_GUEST_TEST_BIN");
         let exe = real
             .clone()
@@ -53,11 +48,7 @@ impl TestAgent {
             None => Command::new(exe),
         };
         if real.is_some() {
-            cmd.arg("guest")
-                .arg("--listen")
-                .arg(&socket)
-                .arg("--log-dir")
-                .arg(&log_dir);
+            cmd.arg("guest").arg("--listen").arg(&socket);
         } else {
             cmd.args([
                 "--exact",
@@ -68,7 +59,6 @@ impl TestAgent {
         }
         let child = cmd
             .env(LISTEN_ENV, &socket)
-            .env(LOG_DIR_ENV, &log_dir)
             .env(
                 "BERTH_LOG",
                 std::env::var("BERTH_LOG").unwrap_or("warn".into()),

@@ -7,7 +7,6 @@ mod boot;
 mod cmdline;
 mod port;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -55,12 +54,7 @@ fn boot_and_serve() -> anyhow::Result<()> {
         let port = port::Port::open(&path)
             .with_context(|| format!("cannot open the virtio-serial port {}", path.display()))?;
         tracing::info!(port = %path.display(), "guest agent serving on virtio-serial");
-        super::serve(
-            reaper,
-            Path::new(super::DEFAULT_LOG_DIR),
-            port::incoming(port),
-        )
-        .await
+        super::serve(reaper, port::incoming(port)).await
     });
     boot::unmount_workspace(&workspace);
     served
