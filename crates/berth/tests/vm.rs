@@ -37,6 +37,10 @@ const MODULES: [&str; 6] = [
 ];
 /// Programs copied (with their libraries) into the test's root filesystem.
 const PROGRAMS: [&str; 7] = ["sh", "bash", "cat", "head", "uname", "sleep", "ls"];
+/// How long a host waits after its connection to a VM closed before it opens the next
+/// one: longer than the guest's grace for a hang-up (250 ms), so the old connection is
+/// over and nothing it still had to write can reach the new one.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
 /// Set for the re-executed test binary that plays a host which gets SIGKILLed.
 const HOST_SOCKET_ENV: &str = "BERTH_VM_TEST_SOCKET";
 
@@ -61,7 +65,7 @@ async fn microvm_boots_serves_reconnects_and_keeps_the_workspace() {
     mkfs(&workspace, None);
 
     // First VM: work, reconnect, shut down.
-    let mut vm = Vm::boot(&kernel, &initrd, &rootfs, &workspace, dir.path());
+    let mut vm = Vm::boot(&kernel, &initrd, &rootfs, &workspace, dir.path(), "");
     let booted = Instant::now();
     let mut guest = vm.connect().await;
     let health = timeout(guest.health(Empty {})).await.unwrap().into_inner();
@@ -127,6 +131,8 @@ async fn microvm_boots_serves_reconnects_and_keeps_the_workspace() {
     // Reconnect 1: an idle client replaced by a new one at once.
     drop(guest);
     drop(reconnect(&mut vm).await);
+    // What a host should do before it connects again (the helper below does not retry).
+    tokio::time::sleep(RECONNECT_PAUSE).await;
 
     // Reconnect 2: a host process SIGKILLed while the guest streams output to it, as
     // when the berth server crashes; a new one connects right after.
@@ -182,7 +188,7 @@ async fn microvm_boots_serves_reconnects_and_keeps_the_workspace() {
     drop(vm);
 
     // Second VM on the same workspace: the file is there, the scratch file is not.
-    let mut vm = Vm::boot(&kernel, &initrd, &rootfs, &workspace, dir.path());
+    let mut vm = Vm::boot(&kernel, &initrd, &rootfs, &workspace, dir.path(), "");
     let mut guest = vm.connect().await;
     let (out, _) = run(&mut guest, &["cat", "/mnt/workspace/note.txt"]).await;
     assert_eq!(out, b"kept\n");
@@ -194,6 +200,23 @@ async fn microvm_boots_serves_reconnects_and_keeps_the_workspace() {
     );
     timeout(guest.shutdown(Empty {})).await.unwrap();
     assert!(vm.wait().await.success());
+    drop(vm);
+
+    // A VM that cannot boot says why on the console and powers off by itself.
+    let mut vm = Vm::boot(
+        &kernel,
+        &initrd,
+        &rootfs,
+        &workspace,
+        dir.path(),
+        "berth.workspace_path=relative",
+    );
+    assert!(vm.wait().await.success());
+    let console = vm.console();
+    assert!(
+        console.contains("berth: fatal: bad kernel command line: berth.workspace_path"),
+        "{console}"
+    );
 }
 
 /// Not a test of its own: the host process the microVM test SIGKILLs mid-stream.
@@ -221,10 +244,10 @@ fn host_that_streams_until_killed() {
     });
 }
 
-/// A new host connection, checked with Health. When the previous host vanished only
-/// an instant before (SIGKILL), output the guest wrote before it noticed can reach this
-/// connection instead and break it (`agent/vm/README.md` in berth-guest); like the
-/// berth server, connect again after a short pause.
+/// A new host connection, checked with Health, made at once (no `RECONNECT_PAUSE`).
+/// When the previous connection closed only an instant before, bytes the guest wrote
+/// for it can reach this one and break it (`agent/vm/README.md` in berth-guest); then,
+/// as the berth server should, connect again after a pause.
 async fn reconnect(vm: &mut Vm) -> Guest {
     for attempt in 1.. {
         let mut guest = vm.connect().await;
@@ -232,7 +255,7 @@ async fn reconnect(vm: &mut Vm) -> Guest {
             Ok(_) => return guest,
             Err(status) if attempt < 5 => {
                 eprintln!("reconnect attempt {attempt} failed, retrying: {status}");
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                tokio::time::sleep(RECONNECT_PAUSE * attempt).await;
             }
             Err(status) => panic!("cannot reconnect to the guest: {status}"),
         }
@@ -297,7 +320,15 @@ struct Vm {
 }
 
 impl Vm {
-    fn boot(kernel: &Kernel, initrd: &Path, rootfs: &Path, workspace: &Path, dir: &Path) -> Vm {
+    /// `extra`: more kernel command line (later `berth.*` keys win).
+    fn boot(
+        kernel: &Kernel,
+        initrd: &Path,
+        rootfs: &Path,
+        workspace: &Path,
+        dir: &Path,
+        extra: &str,
+    ) -> Vm {
         let socket = dir.join("channel.sock");
         let console = dir.join("console.log");
         let _ = std::fs::remove_file(&socket);
@@ -313,7 +344,7 @@ impl Vm {
                     // The TSC frequency: see `host_tsc_khz`.
                     "console=ttyS0 panic=-1 quiet tsc_early_khz={} tsc=reliable \
                      berth.workspace_path=\"/mnt/workspace\" berth.hostname=vm-test \
-                     berth.env={}",
+                     berth.env={} {extra}",
                     kernel.tsc_khz,
                     base64::engine::general_purpose::URL_SAFE_NO_PAD
                         .encode(r#"{"GREETING":"hello world"}"#),

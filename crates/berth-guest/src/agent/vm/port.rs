@@ -28,11 +28,16 @@ const HEADER: usize = 9;
 /// virtqueue buffer per read anyway; this only bounds what a write-side look-ahead may
 /// hold while hyper is not reading.
 const BUFFER: usize = 64 << 10;
-/// How long the port must show "no host" before that counts as a hang-up. The kernel
-/// delivers a new host's bytes at once but its connect (and the previous host's
-/// disconnect) later, from a work queue, so right after a quick reconnect the port can
-/// hold the new host's first bytes and still say "no host" for a moment; believing it
-/// would end the new connection before it started.
+/// How long the port must show "no host", with nothing read meanwhile, before that
+/// counts as a hang-up. The kernel delivers a host's bytes at once but its connect and
+/// disconnect notices later, from a work queue, so a new connection's preface can
+/// arrive while the port still says "no host" (its connect, or the previous host's
+/// disconnect, not processed yet); believing that would end the new connection before
+/// it started, and its host would wait forever. Userspace cannot tell such a late
+/// notice from a hang-up (a host that connects and sends nothing leaves no trace in the
+/// byte stream), so only time can. The price: a new host that connects within the grace
+/// after a hang-up may receive output the old connection still had to write, and its
+/// connection fails at once (see README.md).
 const HANG_UP_GRACE: Duration = Duration::from_millis(250);
 
 /// Where the next unclassified byte from the host stands in HTTP/2's framing.
@@ -125,7 +130,7 @@ pub(super) struct Port {
     end: usize,
     framing: Framing,
     preface: bool,
-    /// The host is gone (for `HANG_UP_GRACE`) and everything it sent has been read.
+    /// The host is gone and everything it sent has been read.
     hung_up: bool,
     /// Running while reads return 0 or writes block with no host, until `hung_up`.
     suspected: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -204,10 +209,12 @@ impl Port {
             self.suspected = None;
             return Poll::Ready(Ok(false));
         }
-        let grace = self
-            .suspected
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(HANG_UP_GRACE)));
+        let grace = self.suspected.get_or_insert_with(|| {
+            tracing::debug!("the port says no host; waiting out the grace period");
+            Box::pin(tokio::time::sleep(HANG_UP_GRACE))
+        });
         if grace.as_mut().poll(cx).is_ready() {
+            tracing::debug!("the host hung up");
             self.suspected = None;
             self.hung_up = true;
             return Poll::Ready(Ok(true));
@@ -284,9 +291,12 @@ impl Port {
                 return Poll::Ready(Ok(()));
             }
             if self.hung_up {
-                // A partial frame header held back is the departed host's, and the next
-                // host starts at a frame boundary with its preface.
-                self.end = self.cleared;
+                // The next host starts at a frame boundary with its preface. A partial
+                // frame header held back is the departed host's, unless it is the start
+                // of that preface (bytes can arrive before their host's connect notice).
+                if !PREFACE.starts_with(&self.buf[self.cleared..self.end]) {
+                    self.end = self.cleared;
+                }
                 self.framing = Framing::Header;
                 // A hung-up port reads 0 at once, so only read again after it changed
                 // (the host reconnected), or this would spin through grace periods.
