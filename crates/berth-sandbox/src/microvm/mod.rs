@@ -33,6 +33,9 @@ const VMM_OVERHEAD: u64 = 256 << 20;
 const VMM_PIDS: u64 = 256;
 /// How long the KVM probe may take to boot the guest (KVM boots in well under a second).
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
+/// Pause between a failed guest connection and the next: longer than the guest takes
+/// to notice a hang-up (250 ms), so the next connection starts clean.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
 /// How long `adopt` gives a guest that is already up to serve a new connection.
 const ADOPT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long `stop` waits for the VMM to exit after the guest's shutdown, then kills it.
@@ -302,8 +305,9 @@ impl MicroVmDriver {
             // Under TCG the guest's TSC calibration against the PIT fails on a loaded
             // host and, with no other clocksource on `microvm`, the boot can stall for
             // good; the guest TSC runs at the host's rate, so tell it that rate.
+            // `tsc=reliable` keeps it from being marked unstable later in the boot.
             if let Some(khz) = host_tsc_khz() {
-                line.push_str(&format!(" tsc_early_khz={khz}"));
+                line.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
             }
         }
         if line.len() > MAX_CMDLINE {
@@ -425,8 +429,13 @@ impl MicroVmDriver {
         })
     }
 
-    /// Connect to the channel socket once and wait for `Health`: bytes sent before the
-    /// guest opens its port wait in QEMU, so one connection sees the guest come up.
+    /// Connect to the channel socket and wait for `Health`. Bytes sent before the
+    /// guest opens its port wait in QEMU, so one connection sees a booting guest come
+    /// up. A connection can still fail: QEMU creates the socket a moment before it
+    /// listens, and right after an earlier host hung up the guest may still be writing
+    /// to that one (QEMU hands those bytes to the next host). So a failed attempt is
+    /// retried on a fresh connection after [`RECONNECT_PAUSE`], which outlasts the
+    /// guest's hang-up detection.
     async fn wait_for_guest(
         &self,
         paths: &VmPaths,
@@ -436,43 +445,44 @@ impl MicroVmDriver {
         let start = Instant::now();
         let dead = || VmError::Exited(self.console_tail(paths));
         let timeout = || VmError::GuestTimeout(deadline, self.console_tail(paths));
-        // QEMU creates the socket as soon as it has parsed its options.
-        while !paths.channel.exists() {
+        loop {
             if !vmm.is_alive() {
                 return Err(dead());
             }
-            if start.elapsed() > deadline {
-                return Err(timeout());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let guest = match berth_guest::client::connect_unix(&paths.channel).await {
-            Ok(guest) => guest,
-            Err(_) if !vmm.is_alive() => return Err(dead()),
-            Err(_) => return Err(timeout()),
-        };
-        let mut probe = guest.clone();
-        let health = probe.health(berth_guest::proto::Empty {});
-        tokio::pin!(health);
-        loop {
             let left = deadline.saturating_sub(start.elapsed());
             if left.is_zero() {
                 return Err(timeout());
             }
-            tokio::select! {
-                res = &mut health => {
-                    return match res {
-                        Ok(_) => Ok(guest),
-                        Err(_) if !vmm.is_alive() => Err(dead()),
-                        Err(_) => Err(timeout()),
-                    };
+            if !paths.channel.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let Ok(guest) = berth_guest::client::connect_unix(&paths.channel).await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let mut probe = guest.clone();
+            let health = probe.health(berth_guest::proto::Empty {});
+            tokio::pin!(health);
+            let answered = loop {
+                let left = deadline.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return Err(timeout());
                 }
-                _ = tokio::time::sleep(left.min(Duration::from_millis(50))) => {
-                    if !vmm.is_alive() {
-                        return Err(dead());
+                tokio::select! {
+                    res = &mut health => break res.is_ok(),
+                    _ = tokio::time::sleep(left.min(Duration::from_millis(50))) => {
+                        if !vmm.is_alive() {
+                            return Err(dead());
+                        }
                     }
                 }
+            };
+            if answered {
+                return Ok(guest);
             }
+            drop(guest);
+            tokio::time::sleep(RECONNECT_PAUSE).await;
         }
     }
 

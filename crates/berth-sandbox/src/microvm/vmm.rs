@@ -114,6 +114,12 @@ impl Vmm for Qemu {
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         // No QEMU monitor on stdio, no network device: loopback only inside.
         .args(["-monitor", "none", "-nic", "none"])
+        // QEMU's own seccomp filter: should a guest escape into the VMM, it cannot
+        // run obsolete syscalls, gain privileges, spawn processes or change limits.
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ])
         .args(["-kernel", &arg(&spec.kernel)])
         .args(["-initrd", &arg(&spec.initrd)])
         .args(["-append", &spec.cmdline])
@@ -186,6 +192,7 @@ mod tests {
         assert!(joined.contains("serial=berth-root") && joined.contains("serial=berth-ws"));
         assert!(joined.contains("readonly=on"));
         assert!(joined.contains("name=berth.0"));
+        assert!(joined.contains("-sandbox on,"), "{joined}");
         let append = args.iter().position(|a| a == "-append").expect("append");
         assert_eq!(args[append + 1], "console=ttyS0 quiet");
     }
