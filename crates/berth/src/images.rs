@@ -9,9 +9,37 @@ use berth_sandbox::{GuestImage, GuestImages};
 pub struct BuiltImages {
     /// The dir holding `images/<name>/` (the server's data dir by default).
     pub root: PathBuf,
+    /// SHA-256 of this berth binary, computed on first use: an image whose `/init`
+    /// came from another build would speak another guest protocol version.
+    own_sha256: std::sync::OnceLock<Option<String>>,
 }
 
 impl BuiltImages {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            own_sha256: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Hash this binary now (off the request path), so the first microVM request does
+    /// not wait for it.
+    pub fn warm_up(self: &std::sync::Arc<Self>) {
+        let images = self.clone();
+        std::thread::spawn(move || {
+            images.own_sha256();
+        });
+    }
+
+    fn own_sha256(&self) -> Option<&str> {
+        self.own_sha256
+            .get_or_init(|| {
+                let exe = std::env::current_exe().ok()?;
+                berth_image::cache::sha256_file(&exe).ok()
+            })
+            .as_deref()
+    }
+
     /// The image name `berth image build --from <image>` uses by default.
     pub fn name_for(image: &str) -> String {
         if image == berth_api::runtime::defaults::IMAGE_HOST {
@@ -37,6 +65,15 @@ impl GuestImages for BuiltImages {
                  with `berth image build --from {from}`"
             )
         })?;
+        if let Some(own) = self.own_sha256() {
+            if built.manifest.init.sha256 != own {
+                return Err(format!(
+                    "the microVM guest image for {image:?} was built by another berth binary \
+                     (its guest agent may not match this server); rebuild it on the server \
+                     with `berth image build --from {from}`"
+                ));
+            }
+        }
         Ok(GuestImage {
             kernel: built.vmlinux,
             initrd: built.initramfs,

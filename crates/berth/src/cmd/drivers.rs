@@ -24,13 +24,15 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
     ns.uid_base = args.uid_base;
     let namespace =
         NamespaceDriver::new(ns).context("the namespace sandbox driver cannot run on this host")?;
-    let images = Arc::new(BuiltImages {
-        root: args
-            .guest_images
+    let images = Arc::new(BuiltImages::new(
+        args.guest_images
             .clone()
             .unwrap_or_else(|| data_dir.to_path_buf()),
-    });
+    ));
     let qemu = Qemu::default();
+    if qemu.available() {
+        images.warm_up();
+    }
     let (microvm, microvm_missing) = if qemu.available() {
         let accel = match args.microvm_accel {
             AccelArg::Auto => None,
