@@ -165,3 +165,131 @@ impl Driver for Drivers {
         self.namespace.workspace_image(session_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts calls; `start` hands back a guest that is never dialled.
+    #[derive(Default)]
+    struct Fake {
+        name: &'static str,
+        starts: AtomicUsize,
+        stops: AtomicUsize,
+        alive_checks: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Driver for Fake {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn validate(&self, _: &RuntimeSpec) -> Result<(), DriverError> {
+            Ok(())
+        }
+        async fn start(&self, _: &SandboxRequest) -> Result<Sandbox, DriverError> {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            let channel =
+                tonic::transport::Endpoint::from_static("http://fake.invalid").connect_lazy();
+            Ok(Sandbox {
+                guest: berth_guest::proto::guest_client::GuestClient::new(channel),
+                init_pid: 1,
+            })
+        }
+        async fn adopt(&self, _: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
+            Ok(None)
+        }
+        async fn is_alive(&self, _: &str) -> bool {
+            self.alive_checks.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        async fn stop(&self, _: &str) -> Result<(), DriverError> {
+            self.stops.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn stats(&self, _: &str) -> Option<SandboxStats> {
+            None
+        }
+        async fn workspace_bytes(&self, _: &str) -> u64 {
+            0
+        }
+        async fn delete_workspace(&self, _: &str) -> Result<(), DriverError> {
+            Ok(())
+        }
+        async fn leftovers(&self) -> Vec<String> {
+            vec![format!("{}-leftover", self.name), "shared".into()]
+        }
+        fn workspace_image(&self, session: &str) -> PathBuf {
+            PathBuf::from(session)
+        }
+    }
+
+    fn request(session: &str, isolation: Isolation) -> SandboxRequest {
+        let mut runtime = RuntimeSpec::named("rt");
+        runtime.isolation = isolation;
+        SandboxRequest {
+            session_id: session.into(),
+            runtime,
+            uid_slot: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_go_to_the_driver_of_their_runtime() {
+        let ns = Arc::new(Fake {
+            name: "ns",
+            ..Fake::default()
+        });
+        let vm = Arc::new(Fake {
+            name: "vm",
+            ..Fake::default()
+        });
+        let d = Drivers::new(ns.clone(), Ok(vm.clone()));
+        d.start(&request("a", Isolation::Microvm)).await.unwrap();
+        d.start(&request("b", Isolation::Namespace)).await.unwrap();
+        assert_eq!(vm.starts.load(Ordering::SeqCst), 1);
+        assert_eq!(ns.starts.load(Ordering::SeqCst), 1);
+        assert!(d.is_alive("a").await);
+        assert_eq!(vm.alive_checks.load(Ordering::SeqCst), 1);
+        assert_eq!(ns.alive_checks.load(Ordering::SeqCst), 0);
+        // A stop reaches every driver (a leftover may belong to either) and forgets.
+        d.stop("a").await.unwrap();
+        assert_eq!(vm.stops.load(Ordering::SeqCst), 1);
+        assert_eq!(ns.stops.load(Ordering::SeqCst), 1);
+        assert!(d.is_alive("a").await);
+        assert_eq!(
+            ns.alive_checks.load(Ordering::SeqCst),
+            1,
+            "forgotten → default"
+        );
+        assert_eq!(
+            d.leftovers().await,
+            ["ns-leftover", "shared", "vm-leftover"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_microvm_driver_is_a_clear_invalid_runtime() {
+        let ns = Arc::new(Fake {
+            name: "ns",
+            ..Fake::default()
+        });
+        let d = Drivers::new(ns, Err("qemu-system-x86_64 is not installed".into()));
+        let err = d
+            .validate(&request("a", Isolation::Microvm).runtime)
+            .unwrap_err();
+        match err {
+            DriverError::InvalidRuntime { field, message } => {
+                assert_eq!(field, "isolation");
+                assert!(message.contains("not installed"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(d.start(&request("a", Isolation::Microvm)).await.is_err());
+        assert_eq!(d.name(), "namespace");
+    }
+}
