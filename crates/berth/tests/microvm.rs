@@ -322,6 +322,38 @@ async fn limits_and_metering_hold(s: Server, isolation: Isolation) {
     assert!(st.usage.peak_memory_bytes > 0, "{:?}", st.usage);
 }
 
+both!(a_fork_bomb_stops_at_the_pids_limit);
+async fn a_fork_bomb_stops_at_the_pids_limit(s: Server, isolation: Isolation) {
+    let rt = s
+        .runtime(&uniq("rt-pids"), |r| {
+            r.isolation = isolation;
+            r.pids = 64;
+            r.memory = 512 << 20;
+        })
+        .await;
+    let session = s.session(&uniq("pids"), &rt).await;
+    // The subshell forks until fork fails (dash then gives up); the sleeps outlive it.
+    // Counting and cleaning up each take one fork, which the subshell's exit frees.
+    let o = s
+        .exec(
+            &session,
+            "(for i in $(seq 200); do sleep 30 >/dev/null & done) 2>/dev/null; \
+             pgrep -c -x sleep; pkill -x sleep; true",
+        )
+        .await;
+    let count: u32 = o
+        .out()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a count of sleeps: {o:?}"));
+    assert!(
+        (1..=64).contains(&count),
+        "the pids limit (64) stopped the bomb, after it started some: {count} sleeps, {o:?}"
+    );
+    let o = s.exec(&session, "echo alive").await.ok();
+    assert_eq!(o.out(), "alive\n");
+}
+
 both!(delete_and_server_stop_leave_nothing_behind);
 async fn delete_and_server_stop_leave_nothing_behind(mut s: Server, isolation: Isolation) {
     let rt = runtime(&s, isolation).await;

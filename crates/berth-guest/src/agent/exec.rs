@@ -63,6 +63,7 @@ pub(crate) async fn exec(
         }
     };
     let (mut cmd, has_stdin) = command(&start)?;
+    agent.confine(&mut cmd);
     let (mut child, exit) = agent.reaper.spawn(&mut cmd).map_err(|err| {
         let argv0 = &start.argv[0];
         let msg = format!("cannot run {argv0}: {err}");

@@ -17,6 +17,7 @@ pub use shell::{CLIENT_QUEUE, RING};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -129,14 +130,20 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
     let listener = bind(listen)?;
     tracing::info!(pid, socket = %listen.display(), "guest agent listening");
-    serve(reaper, UnixListenerStream::new(listener)).await?;
+    // A namespace sandbox's commands are already in the container's cgroup.
+    serve(reaper, None, UnixListenerStream::new(listener)).await?;
     let _ = std::fs::remove_file(listen);
     Ok(())
 }
 
 /// Serve the guest protocol on each connection `incoming` yields until `Shutdown` or
 /// SIGTERM (after which every command is dead and the filesystems are synced).
-async fn serve<I, IO, IE>(reaper: Arc<Reaper>, incoming: I) -> anyhow::Result<()>
+/// `cgroup`: `cgroup.procs` of the cgroup every command and shell must start in.
+async fn serve<I, IO, IE>(
+    reaper: Arc<Reaper>,
+    cgroup: Option<OwnedFd>,
+    incoming: I,
+) -> anyhow::Result<()>
 where
     I: Stream<Item = Result<IO, IE>>,
     IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
@@ -145,6 +152,7 @@ where
 {
     let agent = Arc::new(Agent {
         reaper,
+        cgroup,
         groups: Mutex::new(HashSet::new()),
         shells: shell::Shells::new(),
         shutdown: Notify::new(),
@@ -253,6 +261,10 @@ pub(crate) fn check_path(path: &str) -> Result<&Path, Status> {
 /// State shared by all calls.
 pub(crate) struct Agent {
     reaper: Arc<Reaper>,
+    /// VM mode with a `pids` limit: `cgroup.procs` (open for writing) of the cgroup that
+    /// commands and shells start in, so a fork bomb cannot take the pids the agent
+    /// (PID 1, in the root cgroup) needs. `None` elsewhere.
+    cgroup: Option<OwnedFd>,
     /// Process groups of every command started and maybe still alive (daemons included).
     groups: Mutex<HashSet<i32>>,
     shells: shell::Shells,
@@ -260,6 +272,14 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// Make `cmd`'s process join the commands' cgroup before it execs (VM mode).
+    fn confine(&self, cmd: &mut std::process::Command) {
+        if let Some(procs) = &self.cgroup {
+            // The fd lives as long as the agent, which outlives every spawn.
+            sys::join_cgroup(cmd, procs.as_raw_fd());
+        }
+    }
+
     fn groups(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
         self.groups.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -292,6 +292,7 @@ pub(crate) fn open(agent: &Arc<Agent>, req: ShellOpenRequest) -> Result<Arc<Shel
         .stdout(stdout)
         .stderr(stderr);
     sys::pty_session(&mut cmd);
+    agent.confine(&mut cmd);
     let spawned = agent.reaper.spawn(&mut cmd);
     // The parent keeps no slave descriptor: the master reads EIO once every process
     // that has the terminal open is gone.

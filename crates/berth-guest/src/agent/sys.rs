@@ -1,9 +1,9 @@
 //! The few raw system calls the agent needs that have no safe wrapper: bringing an
-//! interface up (ioctl) and starting a child in a new session (pre_exec).
+//! interface up (ioctl), starting a child in a new session or in a cgroup (pre_exec).
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -61,6 +61,24 @@ pub(crate) fn new_session(cmd: &mut Command) {
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
+/// Move the child into a cgroup before it execs, so that everything it starts is
+/// counted there from the first fork on. `procs` is that cgroup's `cgroup.procs`, open
+/// for writing and open for as long as `cmd` may be spawned; writing `0` to it moves
+/// the writer.
+pub(crate) fn join_cgroup(cmd: &mut Command, procs: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls write(2)
+    // (async-signal-safe) on an inherited descriptor with a static buffer; it allocates
+    // nothing and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
             Ok(())
         });
     }

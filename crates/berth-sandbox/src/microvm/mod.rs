@@ -285,16 +285,19 @@ impl MicroVmDriver {
     }
 
     /// The guest learns its session's settings from the kernel command line (it has no
-    /// other channel before its agent serves): `berth.hostname`, `berth.workspace_path`
-    /// and the runtime's env as `berth.env=<base64url(JSON object)>`.
+    /// other channel before its agent serves): `berth.hostname`, `berth.workspace_path`,
+    /// `berth.pids` (the guest puts every command in a cgroup with that `pids.max`) and
+    /// the runtime's env as `berth.env=<base64url(JSON object)>`.
     fn cmdline(req: &SandboxRequest, accel: Accel) -> Result<String, VmError> {
         let rt = &req.runtime;
         // `panic=-1`: a guest kernel panic reboots, which `-no-reboot` turns into the
         // VMM exiting, so the host sees it.
         let mut line = format!(
-            "console=ttyS0 panic=-1 quiet berth.hostname={} berth.workspace_path=\"{}\"",
+            "console=ttyS0 panic=-1 quiet berth.hostname={} berth.workspace_path=\"{}\" \
+             berth.pids={}",
             crate::namespace::spec::hostname(&req.session_id),
-            rt.workspace_path
+            rt.workspace_path,
+            rt.pids
         );
         if !rt.env.is_empty() {
             let json = serde_json::to_vec(&rt.env).unwrap_or_default();

@@ -2,7 +2,9 @@
 //! overlay root, workspace, switch root. Runs before the async runtime, single-threaded.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::num::NonZeroU64;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,10 @@ const OVERLAY: &str = "/overlay";
 /// under TCG on a loaded host probing is slow, and a missing device is fatal anyway.
 pub(super) const DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEVICE_POLL: Duration = Duration::from_millis(10);
+/// The cgroup2 hierarchy, and the cgroup every command and shell runs in (the agent
+/// stays in the root, which no controller limits).
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const SANDBOX_CGROUP: &str = "/sys/fs/cgroup/sandbox";
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum BootError {
@@ -441,6 +447,45 @@ fn ensure_tmp() -> Result<(), BootError> {
             path: tmp.into(),
             source,
         }
+    })
+}
+
+/// With a `berth.pids` limit: the cgroup commands run in (`pids.max` = the limit), and
+/// its `cgroup.procs` opened for writing, which each child writes `0` to (itself)
+/// before it execs. Fatal if it cannot be set up: the limit is part of the sandbox.
+pub(super) fn sandbox_cgroup(pids: Option<NonZeroU64>) -> Result<Option<OwnedFd>, BootError> {
+    let Some(pids) = pids else {
+        return Ok(None);
+    };
+    let root = Path::new(CGROUP_ROOT);
+    if !root.join("cgroup.controllers").exists() {
+        mkdir(root)?;
+        let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        mount_fs("cgroup2", CGROUP_ROOT, nodev, "")?;
+    }
+    // Only `pids`: the VM's RAM already bounds memory, and PID 1 is never picked by
+    // the OOM killer, so a memory cgroup would add nothing without its own limit.
+    write(&root.join("cgroup.subtree_control"), "+pids")?;
+    let dir = Path::new(SANDBOX_CGROUP);
+    mkdir(dir)?;
+    write(&dir.join("pids.max"), &pids.to_string())?;
+    let procs = dir.join("cgroup.procs");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&procs)
+        .map_err(|source| BootError::Write {
+            path: procs,
+            source,
+        })?;
+    tracing::debug!(cgroup = SANDBOX_CGROUP, pids, "commands' cgroup");
+    Ok(Some(file.into()))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), BootError> {
+    std::fs::write(path, text).map_err(|source| BootError::Write {
+        path: path.into(),
+        source,
     })
 }
 

@@ -2,6 +2,7 @@
 //! host before the guest protocol is up.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU64;
 use std::path::{Component, Path, PathBuf};
 
 use base64::Engine as _;
@@ -21,6 +22,9 @@ pub(super) struct VmOptions {
     /// `berth.overlay_size`: tmpfs `size=` of the writable root layer (default `50%` of
     /// RAM, tmpfs's own default, stated so it is visible in `/proc/mounts`).
     pub overlay_size: String,
+    /// `berth.pids`: `pids.max` of the cgroup every command and shell runs in (the
+    /// runtime's `pids` limit); `None`: no limit.
+    pub pids: Option<NonZeroU64>,
     /// `berth.log`: the agent's log filter (what `BERTH_LOG` is elsewhere).
     pub log: Option<String>,
     /// `berth.env=<base64url(JSON object of strings)>`: the runtime's environment,
@@ -40,6 +44,8 @@ pub(super) enum CmdlineError {
     Hostname(String),
     #[error("berth.overlay_size {0:?} must be digits followed by k, m, g or %")]
     OverlaySize(String),
+    #[error("berth.pids {0:?} must be a positive decimal number")]
+    Pids(String),
     #[error("berth.env is not base64url of a JSON object of strings: {0}")]
     Env(String),
     #[error("berth.env names an invalid variable {0:?}")]
@@ -52,6 +58,7 @@ impl VmOptions {
             workspace_path: PathBuf::from(DEFAULT_WORKSPACE_PATH),
             hostname: "berth".to_string(),
             overlay_size: "50%".to_string(),
+            pids: None,
             log: None,
             env: BTreeMap::new(),
             unknown: Vec::new(),
@@ -92,6 +99,15 @@ impl VmOptions {
                         return Err(CmdlineError::OverlaySize(value.to_string()));
                     }
                     options.overlay_size = value.to_string();
+                }
+                "pids" => {
+                    // Written to `pids.max` as is: digits only.
+                    let pids = value
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                        .then(|| value.parse::<NonZeroU64>().ok())
+                        .flatten();
+                    options.pids = Some(pids.ok_or_else(|| CmdlineError::Pids(value.to_string()))?);
                 }
                 "log" => options.log = Some(value.to_string()),
                 "env" => options.env = parse_env(value)?,
@@ -163,6 +179,7 @@ mod tests {
         assert_eq!(options.hostname, "berth");
         assert_eq!(options.overlay_size, "50%");
         assert_eq!(options.log, None);
+        assert_eq!(options.pids, None);
         assert!(options.env.is_empty());
         assert!(options.unknown.is_empty());
     }
@@ -217,5 +234,15 @@ mod tests {
         }
         assert!(VmOptions::parse("berth.overlay_size=75%").is_ok());
         assert!(VmOptions::parse("berth.overlay_size=1048576").is_ok());
+    }
+
+    #[test]
+    fn reads_the_pids_limit() {
+        let options = VmOptions::parse("quiet berth.pids=64").unwrap();
+        assert_eq!(options.pids, NonZeroU64::new(64));
+        for bad in ["", "0", "-1", "+5", "1k", "max", "18446744073709551616"] {
+            let err = VmOptions::parse(&format!("berth.pids={bad}")).unwrap_err();
+            assert_eq!(err, CmdlineError::Pids(bad.to_string()));
+        }
     }
 }

@@ -46,6 +46,7 @@ pub fn main() -> ! {
 
 fn boot_and_serve() -> anyhow::Result<()> {
     let options = boot::boot()?;
+    let cgroup = boot::sandbox_cgroup(options.pids)?;
     let workspace = options.workspace_path.clone();
     let served = super::block_on(async {
         super::setup_process(true);
@@ -54,7 +55,7 @@ fn boot_and_serve() -> anyhow::Result<()> {
         let port = port::Port::open(&path)
             .with_context(|| format!("cannot open the virtio-serial port {}", path.display()))?;
         tracing::info!(port = %path.display(), "guest agent serving on virtio-serial");
-        super::serve(reaper, port::incoming(port)).await
+        super::serve(reaper, cgroup, port::incoming(port)).await
     });
     boot::unmount_workspace(&workspace);
     served
