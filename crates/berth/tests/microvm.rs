@@ -472,3 +472,30 @@ async fn microvm_without_an_image_is_a_clear_400() {
         "the error says what to do: {body}"
     );
 }
+
+#[tokio::test]
+async fn microvm_a_guest_kernel_panic_stops_the_session_with_its_reason() {
+    let test = "microvm_a_guest_kernel_panic_stops_the_session_with_its_reason";
+    let Some(s) = server(test, Isolation::Microvm).await else {
+        return;
+    };
+    let rt = runtime(&s, Isolation::Microvm).await;
+    let session = s.session(&uniq("panic"), &rt).await;
+    s.exec(&session, "echo kept > /mnt/workspace/kept && sync")
+        .await
+        .ok();
+    // Root in the guest may crash its own kernel; only this VM goes down.
+    let _ = s.exec(&session, "echo c > /proc/sysrq-trigger").await;
+    let st = common::poll("the guest panic to stop the session", || async {
+        let st = s.client.get_session(&session).await.unwrap();
+        (st.state == SessionState::Stopped).then_some(st)
+    })
+    .await;
+    assert_eq!(
+        st.stop_reason.as_deref(),
+        Some("guest_kernel_panic"),
+        "{st:?}"
+    );
+    let o = s.exec(&session, "cat /mnt/workspace/kept").await.ok();
+    assert_eq!(o.out(), "kept\n", "the workspace survives the panic");
+}
