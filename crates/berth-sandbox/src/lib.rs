@@ -5,6 +5,7 @@
 //! [`Drivers`] picks between them by the runtime's isolation; [`volume`] manages the per-session ext4 workspace images. See
 //! `README.md` beside this crate for the setup sequence and the data-dir layout.
 
+mod common;
 pub mod dispatch;
 pub mod helper;
 pub mod loopdev;

@@ -22,6 +22,7 @@ use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxSt
 use berth_guest::client::Guest;
 
 use self::vmm::{Accel, VmSpec, Vmm};
+use crate::common::{io_error, start_error};
 use crate::namespace::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::namespace::init_process::InitProcess;
 use crate::namespace::paths::check_session_id;
@@ -536,13 +537,7 @@ impl MicroVmDriver {
     }
 
     fn trim_console(paths: &VmPaths) {
-        let log = paths.console();
-        if fs::metadata(&log).is_ok_and(|m| m.len() > CONSOLE_LOG_MAX) {
-            // QEMU appends (`append=on`), so it continues at the new end.
-            if let Ok(f) = fs::OpenOptions::new().write(true).open(&log) {
-                let _ = f.set_len(0);
-            }
-        }
+        crate::common::truncate_log(&paths.console(), CONSOLE_LOG_MAX);
     }
 
     /// Why a VM that is no longer alive stopped, from its console.
@@ -571,21 +566,6 @@ fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     Some((mhz * 1000.0) as u64)
-}
-
-fn start_error(session: &str, e: VmError) -> DriverError {
-    DriverError::Start {
-        session: session.to_string(),
-        source: Box::new(e),
-    }
-}
-
-fn io_error(op: &'static str, session: &str, e: VmError) -> DriverError {
-    DriverError::Io {
-        op,
-        session: session.to_string(),
-        source: Box::new(e),
-    }
 }
 
 #[async_trait]
@@ -637,7 +617,7 @@ impl Driver for MicroVmDriver {
 
     async fn adopt(&self, req: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
         let session = &req.session_id;
-        check_session_id(session).map_err(|e| io_error("adopt", session, e.into()))?;
+        check_session_id(session).map_err(|e| io_error("adopt", session, e))?;
         let paths = self.paths(session);
         if !paths.dir.exists() {
             return Ok(None);
@@ -697,26 +677,15 @@ impl Driver for MicroVmDriver {
 
     async fn delete_workspace(&self, session_id: &str) -> Result<(), DriverError> {
         let op = "delete workspace";
-        check_session_id(session_id).map_err(|e| io_error(op, session_id, e.into()))?;
+        check_session_id(session_id).map_err(|e| io_error(op, session_id, e))?;
         if self.paths(session_id).dir.exists() {
             return Err(io_error(op, session_id, VmError::Running));
         }
-        volume::delete(&self.workspace_image(session_id))
-            .map_err(|e| io_error(op, session_id, e.into()))
+        volume::delete(&self.workspace_image(session_id)).map_err(|e| io_error(op, session_id, e))
     }
 
     async fn leftovers(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(self.vm_dir()) else {
-            return vec![];
-        };
-        let mut ids: Vec<String> = entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|id| check_session_id(id).is_ok())
-            .collect();
-        ids.sort();
-        ids
+        crate::common::session_dirs(&self.vm_dir())
     }
 
     fn workspace_image(&self, session_id: &str) -> PathBuf {

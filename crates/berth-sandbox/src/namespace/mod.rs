@@ -30,6 +30,7 @@ use self::init_process::InitProcess;
 use self::paths::{check_session_id, DataDir, SessionPaths};
 use self::rootfs::HostLayout;
 use self::spec::{BindMount, SpecInput, GUEST_EXE};
+use crate::common::{io_error, start_error};
 use crate::volume;
 
 /// How long `start` waits for the guest agent's first `Health` answer.
@@ -563,13 +564,7 @@ impl NamespaceDriver {
     }
 
     fn trim_guest_log(paths: &SessionPaths) {
-        let log = paths.guest_log();
-        if fs::metadata(&log).is_ok_and(|m| m.len() > GUEST_LOG_MAX) {
-            // The guest writes with O_APPEND, so it continues at the new end.
-            if let Ok(f) = fs::OpenOptions::new().write(true).open(&log) {
-                let _ = f.set_len(0);
-            }
-        }
+        crate::common::truncate_log(&paths.guest_log(), GUEST_LOG_MAX);
     }
 
     async fn stop_inner(&self, session_id: &str) -> Result<(), SandboxError> {
@@ -650,21 +645,6 @@ fn watch_for_path(
     Some(inotify)
 }
 
-fn start_error(session: &str, e: SandboxError) -> DriverError {
-    DriverError::Start {
-        session: session.to_string(),
-        source: Box::new(e),
-    }
-}
-
-fn io_error(op: &'static str, session: &str, e: SandboxError) -> DriverError {
-    DriverError::Io {
-        op,
-        session: session.to_string(),
-        source: Box::new(e),
-    }
-}
-
 #[async_trait]
 impl Driver for NamespaceDriver {
     fn name(&self) -> &'static str {
@@ -690,7 +670,7 @@ impl Driver for NamespaceDriver {
 
     async fn adopt(&self, req: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
         let session = &req.session_id;
-        check_session_id(session).map_err(|e| io_error("adopt", session, e.into()))?;
+        check_session_id(session).map_err(|e| io_error("adopt", session, e))?;
         let paths = self.data.session(session);
         if !paths.dir.exists() {
             return Ok(None);
@@ -747,26 +727,16 @@ impl Driver for NamespaceDriver {
 
     async fn delete_workspace(&self, session_id: &str) -> Result<(), DriverError> {
         let op = "delete workspace";
-        check_session_id(session_id).map_err(|e| io_error(op, session_id, e.into()))?;
+        check_session_id(session_id).map_err(|e| io_error(op, session_id, e))?;
         if self.data.session(session_id).dir.exists() {
             return Err(io_error(op, session_id, SandboxError::Running));
         }
         volume::delete(&self.data.workspace_image(session_id))
-            .map_err(|e| io_error(op, session_id, e.into()))
+            .map_err(|e| io_error(op, session_id, e))
     }
 
     async fn leftovers(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(self.data.run()) else {
-            return vec![];
-        };
-        let mut ids: Vec<String> = entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|id| check_session_id(id).is_ok())
-            .collect();
-        ids.sort();
-        ids
+        crate::common::session_dirs(&self.data.run())
     }
 
     fn workspace_image(&self, session_id: &str) -> PathBuf {
