@@ -40,20 +40,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * (1u64 << shift) as f64) as u64)
 }
 
-pub fn format_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
+/// One formatter for sizes across the CLI (the image builder's progress uses it too).
+pub use berth_image::human_bytes as format_bytes;
 
 pub fn format_duration(secs: u64) -> String {
     match secs {

@@ -8,11 +8,10 @@
 
 pub mod vmm;
 
-use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -148,10 +147,6 @@ pub struct MicroVmDriver {
     images: Arc<dyn GuestImages>,
     /// Fixed by the operator, or probed on the first boot (see [`Self::probe_kvm`]).
     accel: tokio::sync::OnceCell<Accel>,
-    /// The guest connection of every running VM: QEMU's channel socket serves one
-    /// client at a time, so the driver shares the core's connection instead of
-    /// opening its own.
-    guests: Mutex<HashMap<String, Guest>>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -175,7 +170,6 @@ impl MicroVmDriver {
             vmm,
             images,
             accel: tokio::sync::OnceCell::new_with(accel),
-            guests: Mutex::new(HashMap::new()),
         })
     }
 
@@ -239,7 +233,7 @@ impl MicroVmDriver {
             uid_slot: 0,
         };
         let started = Instant::now();
-        let result = probe.start_inner(&req, Accel::Kvm).await;
+        let result = probe.start_inner(&req, image, Accel::Kvm).await;
         let boot = started.elapsed();
         if let Ok(sandbox) = &result {
             let mut guest = sandbox.guest.clone();
@@ -348,7 +342,12 @@ impl MicroVmDriver {
         })
     }
 
-    async fn start_inner(&self, req: &SandboxRequest, accel: Accel) -> Result<Sandbox, VmError> {
+    async fn start_inner(
+        &self,
+        req: &SandboxRequest,
+        image: &GuestImage,
+        accel: Accel,
+    ) -> Result<Sandbox, VmError> {
         let t0 = Instant::now();
         let session = &req.session_id;
         check_session_id(session)?;
@@ -360,13 +359,6 @@ impl MicroVmDriver {
             // A leftover of an earlier VM: the core asks to start, so it is dead.
             self.stop_inner(session).await?;
         }
-        let image = self
-            .images
-            .find(&req.runtime.image)
-            .map_err(|m| VmError::Prepare {
-                path: PathBuf::from(&req.runtime.image),
-                source: std::io::Error::other(m),
-            })?;
         let ws = self.workspace_image(session);
         let size = req.runtime.workspace_size;
         // Root inside the VM is uid 0, so the workspace's root dir belongs to 0.
@@ -380,7 +372,7 @@ impl MicroVmDriver {
             .create(&paths.dir)
             .map_err(prep(&paths.dir))?;
         let _ = fs::remove_file(&paths.channel);
-        let spec = self.spec(req, &image, &paths, accel)?;
+        let spec = self.spec(req, image, &paths, accel)?;
         let cgroup = SandboxCgroup::new(&paths.cgroup);
         cgroup
             .create(&CgroupLimits {
@@ -423,10 +415,6 @@ impl MicroVmDriver {
                 .and_then(|t| t.elapsed().ok()),
             "microvm ready"
         );
-        self.guests
-            .lock()
-            .map(|mut g| g.insert(session.clone(), guest.clone()))
-            .ok();
         Ok(Sandbox {
             guest,
             init_pid: pid,
@@ -497,6 +485,30 @@ impl MicroVmDriver {
         String::from_utf8_lossy(tail).trim().to_string()
     }
 
+    /// Check a runtime against what microVMs support and find its built image.
+    fn image_for(&self, runtime: &RuntimeSpec) -> Result<GuestImage, DriverError> {
+        crate::namespace::validate::check(runtime, &self.config.data_dir)?;
+        if runtime.workspace_path.contains(['"', '\\']) {
+            return Err(DriverError::InvalidRuntime {
+                field: "workspace_path",
+                message: "a microVM workspace path cannot contain '\"' or '\\'".into(),
+            });
+        }
+        if !runtime.mounts.is_empty() {
+            return Err(DriverError::InvalidRuntime {
+                field: "mounts",
+                message: "host directory mounts are not supported with isolation microvm yet"
+                    .into(),
+            });
+        }
+        self.images
+            .find(&runtime.image)
+            .map_err(|message| DriverError::InvalidRuntime {
+                field: "image",
+                message,
+            })
+    }
+
     fn vmm_of(&self, session: &str) -> Option<InitProcess> {
         check_session_id(session).ok()?;
         InitProcess::read(&self.paths(session).pid())
@@ -505,7 +517,6 @@ impl MicroVmDriver {
     async fn stop_inner(&self, session: &str) -> Result<(), VmError> {
         check_session_id(session)?;
         let paths = self.paths(session);
-        self.guests.lock().map(|mut g| g.remove(session)).ok();
         if let Some(vmm) = InitProcess::read(&paths.pid()) {
             // The core has asked the guest to shut down; it unmounts the workspace and
             // powers off, which ends the VMM by itself.
@@ -575,36 +586,13 @@ impl Driver for MicroVmDriver {
     }
 
     fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError> {
-        crate::namespace::validate::check(runtime, &self.config.data_dir)?;
-        if runtime.workspace_path.contains(['"', '\\']) {
-            return Err(DriverError::InvalidRuntime {
-                field: "workspace_path",
-                message: "a microVM workspace path cannot contain '\"' or '\\'".into(),
-            });
-        }
-        if !runtime.mounts.is_empty() {
-            return Err(DriverError::InvalidRuntime {
-                field: "mounts",
-                message: "host directory mounts are not supported with isolation microvm yet"
-                    .into(),
-            });
-        }
-        self.images
-            .find(&runtime.image)
-            .map(|_| ())
-            .map_err(|message| DriverError::InvalidRuntime {
-                field: "image",
-                message,
-            })
+        self.image_for(runtime).map(|_| ())
     }
 
     async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
-        self.validate(&req.runtime)?;
-        let accel = match self.images.find(&req.runtime.image) {
-            Ok(image) => self.resolve_accel(&image).await,
-            Err(_) => Accel::Tcg, // start_inner reports the missing image
-        };
-        match self.start_inner(req, accel).await {
+        let image = self.image_for(&req.runtime)?;
+        let accel = self.resolve_accel(&image).await;
+        match self.start_inner(req, &image, accel).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Err(stop) = self.stop_inner(&req.session_id).await {
@@ -624,10 +612,6 @@ impl Driver for MicroVmDriver {
         }
         if let Some(vmm) = InitProcess::read(&paths.pid()).filter(InitProcess::is_alive) {
             if let Ok(guest) = self.wait_for_guest(&paths, vmm, ADOPT_DEADLINE).await {
-                self.guests
-                    .lock()
-                    .map(|mut g| g.insert(session.clone(), guest.clone()))
-                    .ok();
                 return Ok(Some(Sandbox {
                     guest,
                     init_pid: vmm.pid as u32,
