@@ -5,11 +5,26 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
-    /// Linux namespaces + cgroups + seccomp (youki libcontainer).
+    /// The server's default, decided each time a sandbox starts: `microvm` when the
+    /// server's KVM really boots guests and a guest image is built (and the runtime has
+    /// no `mounts`, which microVMs do not support yet), else `namespace`. The operator
+    /// can pin it with `berth server --default-isolation`.
     #[default]
+    Auto,
+    /// Linux namespaces + cgroups + seccomp (youki libcontainer).
     Namespace,
     /// One QEMU `microvm` per session with its own kernel (needs `berth image build`).
     Microvm,
+}
+
+impl Isolation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::Auto => "auto",
+            Isolation::Namespace => "namespace",
+            Isolation::Microvm => "microvm",
+        }
+    }
 }
 
 /// An extra host directory mounted into every sandbox of a runtime.

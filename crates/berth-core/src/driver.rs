@@ -67,6 +67,13 @@ pub trait Driver: Send + Sync + 'static {
     /// mount sources exist, …).
     fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError>;
 
+    /// Whether `auto` isolation should pick this driver for `runtime` on this host (a
+    /// microVM driver: it can run the runtime, a guest image is built and KVM really
+    /// boots it). May probe once.
+    async fn preferred(&self, _runtime: &RuntimeSpec) -> bool {
+        false
+    }
+
     /// Create (if needed) the session's workspace and start a fresh sandbox on it.
     /// Returns once the guest agent answers `Health`.
     async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError>;

@@ -1,6 +1,9 @@
 //! One [`Driver`] over several: each runtime names its isolation, and a session's calls
 //! go to the driver that runs it. Both drivers keep workspaces at the same path in the
 //! same ext4 format, so a session may move between them across a stop.
+//!
+//! A runtime whose isolation is `auto` gets the server's default, decided when each
+//! sandbox starts (see [`Drivers::resolve`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,6 +17,8 @@ pub struct Drivers {
     namespace: Arc<dyn Driver>,
     /// `Err` says why microVMs cannot run on this server.
     microvm: Result<Arc<dyn Driver>, String>,
+    /// What `auto` means on this server (`auto` again: ask the microVM driver).
+    default: Isolation,
     /// Which driver runs each session it started or adopted.
     running: Mutex<HashMap<String, Isolation>>,
 }
@@ -23,13 +28,46 @@ impl Drivers {
         Self {
             namespace,
             microvm,
+            default: Isolation::Auto,
             running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Pin what `auto` isolation means here (`berth server --default-isolation`).
+    pub fn with_default(mut self, default: Isolation) -> Self {
+        self.default = default;
+        self
+    }
+
+    /// The concrete isolation a sandbox of `runtime` gets now. `auto` follows the
+    /// server's default; an unpinned default is a microVM only where that driver says it
+    /// can run the runtime fast here (KVM boots the guest, an image is built, no host
+    /// mounts, which microVMs do not support yet).
+    pub async fn resolve(&self, runtime: &RuntimeSpec) -> Isolation {
+        match (runtime.isolation, self.default) {
+            (Isolation::Auto, Isolation::Auto) => match &self.microvm {
+                Ok(vm) if vm.preferred(runtime).await => Isolation::Microvm,
+                _ => Isolation::Namespace,
+            },
+            (Isolation::Auto, pinned) => pinned,
+            (explicit, _) => explicit,
+        }
+    }
+
+    /// The isolation `validate` checks against (no probing: validation is synchronous;
+    /// an unpinned `auto` only becomes a microVM when that would pass too).
+    fn resolve_now(&self, runtime: &RuntimeSpec) -> Isolation {
+        match (runtime.isolation, self.default) {
+            (Isolation::Auto, Isolation::Auto) => Isolation::Namespace,
+            (Isolation::Auto, pinned) => pinned,
+            (explicit, _) => explicit,
         }
     }
 
     fn pick(&self, isolation: Isolation) -> Result<&Arc<dyn Driver>, DriverError> {
         match isolation {
-            Isolation::Namespace => Ok(&self.namespace),
+            // Callers resolve `auto` first; the namespace driver is its safe meaning.
+            Isolation::Auto | Isolation::Namespace => Ok(&self.namespace),
             Isolation::Microvm => {
                 self.microvm
                     .as_ref()
@@ -85,23 +123,28 @@ impl Driver for Drivers {
     }
 
     fn validate(&self, runtime: &RuntimeSpec) -> Result<(), DriverError> {
-        self.pick(runtime.isolation)?.validate(runtime)
+        self.pick(self.resolve_now(runtime))?.validate(runtime)
     }
 
     async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
-        let driver = self.pick(req.runtime.isolation)?;
+        let isolation = self.resolve(&req.runtime).await;
+        let driver = self.pick(isolation)?;
         let sandbox = driver.start(req).await?;
-        self.remember(&req.session_id, req.runtime.isolation);
+        self.remember(&req.session_id, isolation);
         Ok(sandbox)
     }
 
+    /// An `auto` session is looked for where `auto` points now; if that changed since
+    /// the last server (an image was deleted, say), the other driver's remains are
+    /// leftovers that the core stops.
     async fn adopt(&self, req: &SandboxRequest) -> Result<Option<Sandbox>, DriverError> {
-        let Ok(driver) = self.pick(req.runtime.isolation) else {
+        let isolation = self.resolve(&req.runtime).await;
+        let Ok(driver) = self.pick(isolation) else {
             return Ok(None);
         };
         let adopted = driver.adopt(req).await?;
         if adopted.is_some() {
-            self.remember(&req.session_id, req.runtime.isolation);
+            self.remember(&req.session_id, isolation);
         }
         Ok(adopted)
     }
@@ -181,6 +224,8 @@ mod tests {
         starts: AtomicUsize,
         stops: AtomicUsize,
         alive_checks: AtomicUsize,
+        /// What `preferred` answers (a microVM driver with KVM and an image).
+        fast: bool,
     }
 
     #[async_trait]
@@ -190,6 +235,9 @@ mod tests {
         }
         fn validate(&self, _: &RuntimeSpec) -> Result<(), DriverError> {
             Ok(())
+        }
+        async fn preferred(&self, _: &RuntimeSpec) -> bool {
+            self.fast
         }
         async fn start(&self, _: &SandboxRequest) -> Result<Sandbox, DriverError> {
             self.starts.fetch_add(1, Ordering::SeqCst);
@@ -291,5 +339,75 @@ mod tests {
         }
         assert!(d.start(&request("a", Isolation::Microvm)).await.is_err());
         assert_eq!(d.name(), "namespace");
+    }
+
+    fn pair(vm_fast: bool) -> (Arc<Fake>, Arc<Fake>) {
+        let ns = Arc::new(Fake {
+            name: "ns",
+            ..Fake::default()
+        });
+        let vm = Arc::new(Fake {
+            name: "vm",
+            fast: vm_fast,
+            ..Fake::default()
+        });
+        (ns, vm)
+    }
+
+    #[tokio::test]
+    async fn auto_is_a_microvm_only_where_that_driver_is_fast() {
+        let (ns, vm) = pair(true);
+        let d = Drivers::new(ns.clone(), Ok(vm.clone()));
+        d.start(&request("a", Isolation::Auto)).await.unwrap();
+        assert_eq!(vm.starts.load(Ordering::SeqCst), 1);
+        assert!(d.is_alive("a").await);
+        assert_eq!(
+            vm.alive_checks.load(Ordering::SeqCst),
+            1,
+            "remembered as microvm"
+        );
+
+        let (ns, vm) = pair(false);
+        let d = Drivers::new(ns.clone(), Ok(vm.clone()));
+        d.start(&request("a", Isolation::Auto)).await.unwrap();
+        assert_eq!(
+            (
+                ns.starts.load(Ordering::SeqCst),
+                vm.starts.load(Ordering::SeqCst)
+            ),
+            (1, 0)
+        );
+
+        let (ns, _) = pair(true);
+        let d = Drivers::new(ns.clone(), Err("no qemu".into()));
+        d.start(&request("a", Isolation::Auto)).await.unwrap();
+        assert_eq!(ns.starts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pinned_default_decides_auto_but_not_explicit_runtimes() {
+        let (ns, vm) = pair(false);
+        let d = Drivers::new(ns.clone(), Ok(vm.clone())).with_default(Isolation::Microvm);
+        d.start(&request("a", Isolation::Auto)).await.unwrap();
+        d.start(&request("b", Isolation::Namespace)).await.unwrap();
+        assert_eq!(
+            (
+                ns.starts.load(Ordering::SeqCst),
+                vm.starts.load(Ordering::SeqCst)
+            ),
+            (1, 1)
+        );
+
+        let (ns, vm) = pair(true);
+        let d = Drivers::new(ns.clone(), Ok(vm.clone())).with_default(Isolation::Namespace);
+        d.start(&request("a", Isolation::Auto)).await.unwrap();
+        d.start(&request("b", Isolation::Microvm)).await.unwrap();
+        assert_eq!(
+            (
+                ns.starts.load(Ordering::SeqCst),
+                vm.starts.load(Ordering::SeqCst)
+            ),
+            (1, 1)
+        );
     }
 }

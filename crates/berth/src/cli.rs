@@ -179,6 +179,11 @@ pub struct ServerArgs {
     /// `tcg` (software emulation: development and tests only) when KVM cannot.
     #[arg(long, value_enum, default_value = "auto")]
     pub microvm_accel: AccelArg,
+    /// What runtimes created without `--isolation` (isolation `auto`) get: `auto` picks
+    /// `microvm` when KVM really boots the guest here and a guest image is built, else
+    /// `namespace`; `microvm` pins microVMs even under TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub default_isolation: IsolationArg,
     /// Print what this host supports (drivers, KVM or TCG) and exit.
     #[arg(long)]
     pub info: bool,
@@ -268,6 +273,7 @@ pub enum RuntimeCmd {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum IsolationArg {
+    Auto,
     Namespace,
     Microvm,
 }
@@ -275,6 +281,7 @@ pub enum IsolationArg {
 impl From<IsolationArg> for berth_api::Isolation {
     fn from(arg: IsolationArg) -> Self {
         match arg {
+            IsolationArg::Auto => berth_api::Isolation::Auto,
             IsolationArg::Namespace => berth_api::Isolation::Namespace,
             IsolationArg::Microvm => berth_api::Isolation::Microvm,
         }
@@ -287,10 +294,11 @@ pub struct RuntimeCreateArgs {
     /// `host` (host system dirs read-only, secrets masked) or a rootfs directory.
     #[arg(long, default_value = "host")]
     pub image: String,
-    /// How sessions are isolated: `namespace` (Linux namespaces, shared kernel) or
+    /// How sessions are isolated: `namespace` (Linux namespaces, shared kernel),
     /// `microvm` (one QEMU microVM per session with its own kernel; build its guest
-    /// image first with `berth image build --from host|DIR` on the server).
-    #[arg(long, value_enum, default_value = "namespace")]
+    /// image first with `berth image build --from host|DIR` on the server) or `auto`
+    /// (the server's default: microvm where KVM works and an image is built).
+    #[arg(long, value_enum, default_value = "auto")]
     pub isolation: IsolationArg,
     /// Where the persistent workspace is mounted inside the sandbox.
     #[arg(long, default_value = "/mnt/workspace")]

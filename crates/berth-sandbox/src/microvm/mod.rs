@@ -589,6 +589,13 @@ impl Driver for MicroVmDriver {
         self.image_for(runtime).map(|_| ())
     }
 
+    async fn preferred(&self, runtime: &RuntimeSpec) -> bool {
+        match self.image_for(runtime) {
+            Ok(image) => self.resolve_accel(&image).await == Accel::Kvm,
+            Err(_) => false,
+        }
+    }
+
     async fn start(&self, req: &SandboxRequest) -> Result<Sandbox, DriverError> {
         let image = self.image_for(&req.runtime)?;
         let accel = self.resolve_accel(&image).await;

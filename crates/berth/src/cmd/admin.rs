@@ -26,10 +26,7 @@ pub async fn runtime(cmd: RuntimeCmd) -> anyhow::Result<()> {
                     "{:<20} {:<24} {:<9} {:>9} {:>9} {:>6} {:>6} {:>8}",
                     s.name,
                     s.image,
-                    match s.isolation {
-                        berth_api::Isolation::Namespace => "namespace",
-                        berth_api::Isolation::Microvm => "microvm",
-                    },
+                    s.isolation.name(),
                     format_bytes(s.workspace_size),
                     format_bytes(s.memory),
                     s.pids,

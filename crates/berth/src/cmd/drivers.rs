@@ -11,7 +11,7 @@ use crate::cli::{AccelArg, ServerArgs};
 use crate::images::BuiltImages;
 
 pub struct ServerDrivers {
-    pub drivers: Drivers,
+    pub drivers: Arc<Drivers>,
     pub microvm: Option<Arc<MicroVmDriver>>,
     /// Why there is no microVM driver.
     pub microvm_missing: Option<String>,
@@ -51,12 +51,15 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
         let why = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)";
         (None, Some(why.to_string()))
     };
-    let drivers = Drivers::new(
-        Arc::new(namespace),
-        microvm
-            .clone()
-            .map(|d| d as Arc<dyn berth_core::driver::Driver>)
-            .ok_or_else(|| microvm_missing.clone().unwrap_or_default()),
+    let drivers = Arc::new(
+        Drivers::new(
+            Arc::new(namespace),
+            microvm
+                .clone()
+                .map(|d| d as Arc<dyn berth_core::driver::Driver>)
+                .ok_or_else(|| microvm_missing.clone().unwrap_or_default()),
+        )
+        .with_default(args.default_isolation.into()),
     );
     Ok(ServerDrivers {
         drivers,
@@ -66,13 +69,40 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
     })
 }
 
+/// Decide what `auto` isolation means now, at server start, so the KVM probe's boot
+/// (and its WARN when it falls back to TCG) happens before the first session waits on it.
+pub fn probe_in_background(d: &ServerDrivers) {
+    if d.microvm.is_none() {
+        return;
+    }
+    let drivers = d.drivers.clone();
+    tokio::spawn(async move {
+        let isolation = drivers
+            .resolve(&berth_api::RuntimeSpec::named("auto-probe"))
+            .await;
+        tracing::info!("runtimes with isolation auto run as {}", isolation.name());
+    });
+}
+
 /// `berth server --info`: what this host supports. Probes KVM when a `host` guest
 /// image is built (booting it once).
 pub async fn print_info(d: &ServerDrivers, data_dir: &Path) {
-    use berth_sandbox::GuestImages;
     println!("berth {}", env!("CARGO_PKG_VERSION"));
     println!("data dir: {}", data_dir.display());
     println!("driver namespace: yes (youki libcontainer)");
+    print_microvm_info(d).await;
+    let auto = d
+        .drivers
+        .resolve(&berth_api::RuntimeSpec::named("auto-probe"))
+        .await;
+    println!(
+        "isolation auto: {} (pin it with --default-isolation)",
+        auto.name()
+    );
+}
+
+async fn print_microvm_info(d: &ServerDrivers) {
+    use berth_sandbox::GuestImages;
     let Some(vm) = &d.microvm else {
         println!(
             "driver microvm: no ({})",

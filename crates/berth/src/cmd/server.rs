@@ -39,6 +39,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             drivers.microvm_missing.as_deref().unwrap_or_default()
         );
     }
+    super::drivers::probe_in_background(&drivers);
     let driver = drivers.drivers;
 
     let store = berth_store::Store::open(&data_dir.join("state.db")).await?;
@@ -52,7 +53,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         logs_dir: Some(data_dir.join("logs")),
         ..CoreConfig::default()
     };
-    let core = Core::new(store, Arc::new(driver), config)
+    let core = Core::new(store, driver, config)
         .await
         .context("cannot start the core")?;
     let background = core.spawn_background();
