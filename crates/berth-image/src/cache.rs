@@ -147,19 +147,20 @@ pub struct Lock {
     _lock: nix::fcntl::Flock<File>,
 }
 
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
 impl Lock {
     /// Take the lock at `path` (created if needed); `on_wait` is called once if another
     /// process holds it.
     pub fn acquire(path: &Path, on_wait: &dyn Fn()) -> io::Result<Self> {
         use nix::fcntl::{Flock, FlockArg};
-        let open = || {
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(path)
-        };
-        match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+        match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(Self { _lock: lock }),
             Err((file, nix::Error::EWOULDBLOCK)) => {
                 on_wait();
@@ -167,6 +168,16 @@ impl Lock {
                     .map(|lock| Self { _lock: lock })
                     .map_err(|(_, e)| io::Error::from(e))
             }
+            Err((_, e)) => Err(io::Error::from(e)),
+        }
+    }
+
+    /// Take the lock at `path` if nobody holds it; None if somebody does.
+    pub fn try_acquire(path: &Path) -> io::Result<Option<Self>> {
+        use nix::fcntl::{Flock, FlockArg};
+        match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(Self { _lock: lock })),
+            Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
             Err((_, e)) => Err(io::Error::from(e)),
         }
     }
@@ -211,5 +222,15 @@ mod tests {
             drop(t.join().expect("join"));
         });
         assert!(waited.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn try_lock_does_not_wait() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("l");
+        let held = Lock::try_acquire(&path).expect("lock").expect("free");
+        assert!(Lock::try_acquire(&path).expect("lock").is_none());
+        drop(held);
+        assert!(Lock::try_acquire(&path).expect("lock").is_some());
     }
 }

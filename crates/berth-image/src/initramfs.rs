@@ -12,6 +12,9 @@ use crate::cpio::CpioWriter;
 use crate::kernel::Kernel;
 use crate::libs::{self, LibsError, Needed};
 
+/// Bumped whenever the archive changes for the same inputs (kernel, `/init`, its
+/// libraries, the strip option).
+pub const LAYOUT: &str = "initramfs-v1";
 /// Directories of the initramfs (mode), created empty.
 pub const DIRS: &[(&str, u32)] = &[
     ("dev", 0o755),

@@ -6,7 +6,8 @@
 //! Cache (under `<data-dir>/images/cache/`):
 //! `apt-resolve.json` (which package and version the meta package means, valid while
 //! apt's lists are unchanged), `debs/<sha256>.deb`, and
-//! `kernel/<deb sha256>-<layout>/{vmlinux, kernel.json, modules/<name>.ko}`.
+//! `kernel/<deb sha256>-<layout>/{vmlinux, kernel.json, modules/<name>.ko}`; [`prune`]
+//! drops the kernels no image uses any more.
 
 use std::fs;
 use std::io;
@@ -34,7 +35,7 @@ pub const GUEST_MODULES: &[&str] = &[
 ];
 
 /// Bumped whenever what is extracted from a `.deb` changes.
-const LAYOUT: &str = "kernel-v1";
+pub const LAYOUT: &str = "kernel-v1";
 /// The legacy lz4 frame magic (`0x184C2102` little-endian), also repeated between
 /// concatenated frames.
 const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
@@ -295,8 +296,7 @@ pub fn fetch(pkg: &KernelPackage, cache: &Path) -> Result<PathBuf, KernelError> 
 /// Unpack `deb` (of `pkg`) into the kernel cache, once.
 pub fn extract(pkg: &KernelPackage, deb: &Path, cache: &Path) -> Result<Kernel, KernelError> {
     let kernels = cache.join("kernel");
-    let layout = &sha256_hex(format!("{LAYOUT} {}", GUEST_MODULES.join(",")).as_bytes())[..12];
-    let dir = kernels.join(format!("{}-{layout}", pkg.sha256));
+    let dir = extracted_dir(cache, pkg);
     if let Some(kernel) = load(pkg, &dir) {
         return Ok(kernel);
     }
@@ -380,6 +380,60 @@ pub fn extract(pkg: &KernelPackage, deb: &Path, cache: &Path) -> Result<Kernel, 
         path: dir.clone(),
         source: io::Error::other("incomplete kernel cache entry"),
     })
+}
+
+/// Where [`extract`] keeps `pkg`'s kernel: `kernel/<deb sha256>-<layout>/` under
+/// `cache`, `<layout>` naming what is extracted and which modules.
+pub fn extracted_dir(cache: &Path, pkg: &KernelPackage) -> PathBuf {
+    cache
+        .join("kernel")
+        .join(format!("{}-{}", pkg.sha256, layout_tag()))
+}
+
+fn layout_tag() -> String {
+    sha256_hex(format!("{LAYOUT} {}", GUEST_MODULES.join(",")).as_bytes())[..12].to_owned()
+}
+
+/// Remove the cached kernels whose `.deb` SHA-256 is not in `keep` (`debs/<sha>.deb`,
+/// `kernel/<sha>-<layout>/`), extractions of another layout, and what killed
+/// downloads and extractions left behind.
+/// Call under `locks/kernel.lock`: [`fetch`] and [`extract`] run under it, so no
+/// scratch dir found here is in use. Best effort: what cannot be removed stays.
+pub fn prune(cache: &Path, keep: &std::collections::BTreeSet<String>) {
+    let layout = layout_tag();
+    let stale = |file: &str, suffix: &str| {
+        if file.starts_with(".download.") || file.starts_with(".extract.") {
+            return true;
+        }
+        let (sha, other_layout) = match suffix {
+            "" => match file.split_once('-') {
+                Some((sha, tag)) => (sha, tag != layout),
+                None => return false,
+            },
+            _ => match file.strip_suffix(suffix) {
+                Some(sha) => (sha, false),
+                None => return false,
+            },
+        };
+        sha.len() == 64 && (other_layout || !keep.contains(sha))
+    };
+    for (sub, suffix) in [("debs", ".deb"), ("kernel", "")] {
+        let dir = cache.join(sub);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if !stale(&file, suffix) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = match entry.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+        }
+    }
 }
 
 fn load(pkg: &KernelPackage, dir: &Path) -> Option<Kernel> {
@@ -576,6 +630,42 @@ mod tests {
         );
         bz[1024 + 16] = 0x1f; // gzip, say
         assert!(vmlinux_from_bzimage(&bz).is_err());
+    }
+
+    #[test]
+    fn prune_keeps_only_kernels_in_use() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cache = tmp.path();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let tag = layout_tag();
+        for dir in [
+            format!("kernel/{a}-{tag}/modules"),
+            format!("kernel/{b}-{tag}/modules"),
+            format!("kernel/{a}-0123456789ab"),
+            "kernel/.extract.1.0/tree".into(),
+            "debs/.download.1.0".into(),
+        ] {
+            fs::create_dir_all(cache.join(dir)).expect("mkdir");
+        }
+        for file in [
+            format!("debs/{a}.deb"),
+            format!("debs/{b}.deb"),
+            "debs/notes.txt".into(),
+        ] {
+            fs::write(cache.join(file), "x").expect("write");
+        }
+        prune(cache, &[a.clone()].into());
+        let list = |sub: &str| {
+            let mut names: Vec<String> = fs::read_dir(cache.join(sub))
+                .expect("list")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(list("kernel"), [format!("{a}-{tag}")]);
+        assert_eq!(list("debs"), [format!("{a}.deb"), "notes.txt".into()]);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! is in `docs/design/microvm-image.md`; [`Image::open`] is how the driver reads an
 //! image.
 //!
-//! [`build`] skips all work when every input (kernel package, berth binary and its
-//! libraries, the rootfs source listing, the options) hashes as the existing image's.
+//! Each artifact records the hash of its own inputs, and [`build`] makes only those
+//! whose inputs changed: a new berth binary remakes the initramfs (sub-second) and
+//! keeps the 3 GB rootfs, hard-linked into the new image; equal inputs change nothing.
+//! The host side effects (apt, mounts, mkfs) are behind [`Tools`].
 
 pub mod cache;
 mod child;
@@ -18,7 +20,9 @@ pub mod libs;
 pub mod manifest;
 pub mod modules;
 pub mod rootfs;
+pub mod tools;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -27,14 +31,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use manifest::{Image, Manifest, ManifestError};
 pub use rootfs::{Source, DEFAULT_HOST_EXCLUDES};
+pub use tools::{HostTools, Tools};
 
 use cache::{sha256_file, sha256_hex, HashMemo, Lock};
+use kernel::Kernel;
 use manifest::{Artifact, Artifacts, InitInfo, KernelInfo, SourceInfo};
 
 /// Names that `images/` already uses for other things.
 const RESERVED_NAMES: &[&str] = &["cache", "host-skeleton", "berth"];
-/// Bumped whenever the artifacts change for the same inputs.
-const BUILD_LAYOUT: &str = "image-v1";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -91,8 +95,19 @@ impl Progress for Quiet {
 #[derive(Debug)]
 pub struct BuildOutcome {
     pub image: Image,
-    /// True when the existing image already matched the inputs.
+    /// True when the existing image already matched the inputs: nothing was written.
     pub cached: bool,
+    /// The artifacts this build made; the others are the previous image's files,
+    /// hard-linked into the new one.
+    pub made: Made,
+}
+
+/// Which artifacts a build made (true) or kept from the image's previous version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Made {
+    pub vmlinux: bool,
+    pub initramfs: bool,
+    pub rootfs: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,16 +184,25 @@ pub fn default_name(source: &Source) -> String {
     }
 }
 
-/// Build (or find up to date) the image `req.name`. Runs on a thread of its own,
-/// which gets a private mount namespace for assembling the rootfs.
+/// Build (or find up to date) the image `req.name` on this host. Runs on a thread of
+/// its own, which gets a private mount namespace for assembling the rootfs.
 pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcome, BuildError> {
+    build_with(req, progress, &HostTools)
+}
+
+/// [`build`] with the host side effects (apt, mounts, mkfs) done by `tools`.
+pub fn build_with(
+    req: &BuildRequest,
+    progress: &dyn Progress,
+    tools: &dyn Tools,
+) -> Result<BuildOutcome, BuildError> {
     if !valid_name(&req.name) {
         return Err(BuildError::Name(req.name.clone()));
     }
     std::thread::scope(|s| {
         s.spawn(|| {
-            rootfs::enter_private_mount_namespace()?;
-            build_here(req, progress)
+            tools.isolate()?;
+            build_here(req, progress, tools)
         })
         .join()
         .unwrap_or(Err(BuildError::Panicked))
@@ -187,7 +211,37 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcome
 
 const STEPS: usize = 5;
 
-fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcome, BuildError> {
+/// The hash of each artifact's inputs (see `docs/design/microvm-image.md`): an
+/// artifact is made again only when its own inputs change.
+#[derive(Debug)]
+struct Keys {
+    /// The kernel package and the extraction layout.
+    vmlinux: String,
+    /// The kernel and its modules, `/init` and its libraries, the archive layout.
+    initramfs: String,
+    /// The staged tree's listing and the mkfs layout.
+    rootfs: String,
+}
+
+impl Keys {
+    fn all_match(&self, a: &Artifacts) -> bool {
+        a.vmlinux.input_sha256 == self.vmlinux
+            && a.initramfs.input_sha256 == self.initramfs
+            && a.rootfs.input_sha256 == self.rootfs
+    }
+}
+
+/// The previous image's artifact `from` (recorded as `record`), hard-linked at `to`
+/// when its inputs hash as `key`: the same file, neither copied nor rewritten.
+fn reuse(from: &Path, record: &Artifact, key: &str, to: &Path) -> Option<Artifact> {
+    (record.input_sha256 == key && fs::hard_link(from, to).is_ok()).then(|| record.clone())
+}
+
+fn build_here(
+    req: &BuildRequest,
+    progress: &dyn Progress,
+    tools: &dyn Tools,
+) -> Result<BuildOutcome, BuildError> {
     let images = req.data_dir.join("images");
     let cache_dir = images.join("cache");
     for (dir, mode) in [
@@ -212,22 +266,24 @@ fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcom
     })
     .map_err(io_err("lock", &lock_path))?;
     remove_stale_builds(&images, &req.name);
+    let build_dir = images.join(format!(".build.{}.{}", std::process::id(), req.name));
+    let _ = fs::remove_dir_all(&build_dir);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&build_dir)
+        .map_err(io_err("create", &build_dir))?;
+    let guard = BuildDirGuard(&build_dir);
 
     // 1. kernel
     progress.step(1, STEPS, "guest kernel");
+    let kernel_lock = locks.join("kernel.lock");
     let kernel = {
-        let kernel_lock = locks.join("kernel.lock");
         let _k = Lock::acquire(&kernel_lock, &|| {
             progress.note("waiting for another build's kernel download")
         })
         .map_err(io_err("lock", &kernel_lock))?;
-        let pkg = kernel::resolve(&req.kernel_meta, &cache_dir)?;
-        let deb = cache_dir.join("debs").join(format!("{}.deb", pkg.sha256));
-        if !deb.is_file() {
-            progress.note(&format!("downloading {} {}", pkg.package, pkg.version));
-        }
-        let deb = kernel::fetch(&pkg, &cache_dir)?;
-        kernel::extract(&pkg, &deb, &cache_dir)?
+        let cached = tools.kernel(&req.kernel_meta, &cache_dir, progress)?;
+        pin_kernel(&cached, &build_dir.join("kernel"))?
     };
 
     // 2. inputs
@@ -275,104 +331,179 @@ fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcom
     excludes.sort();
     excludes.dedup();
 
-    let build_dir = images.join(format!(".build.{}.{}", std::process::id(), req.name));
-    let _ = fs::remove_dir_all(&build_dir);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&build_dir)
-        .map_err(io_err("create", &build_dir))?;
-    let guard = BuildDirGuard(&build_dir);
     let staging = build_dir.join("staging");
     fs::create_dir(&staging).map_err(io_err("create", &staging))?;
-    let staged = rootfs::stage(&req.source, &excludes, &staging, &build_dir);
-    let staged = match staged {
-        Ok(s) => s,
-        Err(e) => {
-            rootfs::unstage(&staging);
-            return Err(e.into());
-        }
+    // Declared after `guard`, so dropped before it: the source's bind mounts are gone
+    // before the build dir is removed.
+    let mounted = Staging {
+        tools,
+        at: &staging,
     };
-    let input = format!(
-        "{BUILD_LAYOUT}\n{}\nkernel {} {}\nmodules {}\ninit {} strip={}\n{libs_listing}rootfs {} {}\n",
-        initramfs::DIRS.iter().map(|(d, m)| format!("{d}:{m:o}")).collect::<Vec<_>>().join(","),
-        kernel.package.sha256,
-        kernel.release,
-        kernel::GUEST_MODULES.join(","),
-        init_sha,
-        req.strip_init,
-        rootfs::LAYOUT,
-        staged.listing_sha256,
-    );
-    let input_sha256 = sha256_hex(input.as_bytes());
+    let staged = tools.stage(&req.source, &excludes, &staging, &build_dir)?;
+
+    let module_names: Vec<String> = kernel
+        .modules
+        .iter()
+        .map(|m| file_name(m))
+        .collect::<Result<_, _>>()?;
+    let keys = Keys {
+        vmlinux: sha256_hex(
+            format!(
+                "{}\nkernel {} {}\n",
+                kernel::LAYOUT,
+                kernel.package.sha256,
+                kernel.release
+            )
+            .as_bytes(),
+        ),
+        initramfs: sha256_hex(
+            format!(
+                "{}\n{}\nkernel {} {} {}\nmodules {}\ninit {} strip={}\n{libs_listing}",
+                initramfs::LAYOUT,
+                initramfs::DIRS
+                    .iter()
+                    .map(|(d, m)| format!("{d}:{m:o}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                kernel::LAYOUT,
+                kernel.package.sha256,
+                kernel.release,
+                module_names.join(","),
+                init_sha,
+                req.strip_init,
+            )
+            .as_bytes(),
+        ),
+        rootfs: sha256_hex(
+            format!("{}\nlisting {}\n", rootfs::LAYOUT, staged.listing_sha256).as_bytes(),
+        ),
+    };
     let final_dir = images.join(&req.name);
-    if !req.force {
-        if let Ok(image) = Image::open_dir(&final_dir) {
-            if image.manifest.input_sha256 == input_sha256 {
-                rootfs::unstage(&staging);
-                drop(guard);
-                return Ok(BuildOutcome {
-                    image,
-                    cached: true,
-                });
-            }
-        }
+    // Another format's image (or a broken one) gives nothing to reuse.
+    let previous = if req.force {
+        None
+    } else {
+        Image::open_dir(&final_dir).ok()
+    };
+    if let Some(image) = previous
+        .as_ref()
+        .filter(|p| keys.all_match(&p.manifest.artifacts))
+    {
+        drop(mounted);
+        drop(guard);
+        return Ok(BuildOutcome {
+            image: image.clone(),
+            cached: true,
+            made: Made::default(),
+        });
     }
 
     // 3. initramfs
-    progress.step(3, STEPS, "initramfs");
     let initramfs_path = build_dir.join(manifest::INITRAMFS);
-    let contents = match initramfs::write(&initramfs_path, &req.init, req.strip_init, &kernel) {
-        Ok(c) => c,
-        Err(e) => {
-            rootfs::unstage(&staging);
-            return Err(e.into());
+    let kept_initramfs = previous.as_ref().and_then(|p| {
+        let record = reuse(
+            &p.initramfs,
+            &p.manifest.artifacts.initramfs,
+            &keys.initramfs,
+            &initramfs_path,
+        )?;
+        Some((
+            record,
+            p.manifest.init.clone(),
+            p.manifest.kernel.modules.clone(),
+        ))
+    });
+    let (initramfs_record, init, modules) = match kept_initramfs {
+        Some((record, init, modules)) => {
+            progress.step(3, STEPS, "initramfs: reused (same kernel and /init)");
+            (Some(record), init, modules)
+        }
+        None => {
+            progress.step(3, STEPS, "initramfs");
+            let contents = initramfs::write(&initramfs_path, &req.init, req.strip_init, &kernel)?;
+            set_private(&initramfs_path)?;
+            let init = InitInfo {
+                source: req.init.clone(),
+                sha256: init_sha,
+                stripped: contents.stripped,
+                libraries: contents.libraries.iter().map(|l| l.path.clone()).collect(),
+            };
+            (None, init, contents.modules)
         }
     };
 
     // 4. rootfs
-    progress.step(
-        4,
-        STEPS,
-        &format!(
-            "rootfs.ext4 ({} entries, {})",
-            staged.entries,
-            human_bytes(staged.content_bytes)
-        ),
-    );
     let rootfs_path = build_dir.join(manifest::ROOTFS);
-    let made = rootfs::mkfs(&staged, &rootfs_path, &|done, total| {
-        progress.bytes(done, total)
+    let rootfs_record = previous.as_ref().and_then(|p| {
+        reuse(
+            &p.rootfs,
+            &p.manifest.artifacts.rootfs,
+            &keys.rootfs,
+            &rootfs_path,
+        )
     });
-    rootfs::unstage(&staging);
-    made?;
+    if rootfs_record.is_some() {
+        progress.step(4, STEPS, "rootfs.ext4: reused (source unchanged)");
+    } else {
+        progress.step(
+            4,
+            STEPS,
+            &format!(
+                "rootfs.ext4 ({} entries, {})",
+                staged.entries,
+                human_bytes(staged.content_bytes)
+            ),
+        );
+        tools.mkfs(&staged, &rootfs_path, &|done, total| {
+            progress.bytes(done, total)
+        })?;
+        set_private(&rootfs_path)?;
+    }
+    drop(mounted);
     fs::remove_dir(&staging).map_err(io_err("remove", &staging))?;
     let _ = fs::remove_file(build_dir.join("empty"));
 
     // 5. finish
     progress.step(5, STEPS, "hashing artifacts");
     let vmlinux_path = build_dir.join(manifest::VMLINUX);
-    if fs::hard_link(&kernel.vmlinux, &vmlinux_path).is_err() {
-        fs::copy(&kernel.vmlinux, &vmlinux_path).map_err(io_err("copy", &kernel.vmlinux))?;
+    let vmlinux_record = previous.as_ref().and_then(|p| {
+        reuse(
+            &p.vmlinux,
+            &p.manifest.artifacts.vmlinux,
+            &keys.vmlinux,
+            &vmlinux_path,
+        )
+    });
+    if vmlinux_record.is_none() {
+        fs::rename(&kernel.vmlinux, &vmlinux_path).map_err(io_err("move", &kernel.vmlinux))?;
     }
-    let artifact = |path: &Path, format: &str| -> Result<Artifact, BuildError> {
+    let pinned = build_dir.join("kernel");
+    fs::remove_dir_all(&pinned).map_err(io_err("remove", &pinned))?;
+    let made = Made {
+        vmlinux: vmlinux_record.is_none(),
+        initramfs: initramfs_record.is_none(),
+        rootfs: rootfs_record.is_none(),
+    };
+    let artifact = |kept: Option<Artifact>,
+                    path: &Path,
+                    key: &str,
+                    format: &str|
+     -> Result<Artifact, BuildError> {
+        if let Some(record) = kept {
+            return Ok(record);
+        }
         let size = fs::metadata(path).map_err(io_err("inspect", path))?.len();
         Ok(Artifact {
-            path: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            path: file_name(path)?,
+            input_sha256: key.into(),
             sha256: sha256_file(path).map_err(io_err("read", path))?,
             size,
             format: format.into(),
         })
     };
-    for p in [&rootfs_path, &initramfs_path] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", p))?;
-    }
     let manifest = Manifest {
         format: manifest::FORMAT,
         name: req.name.clone(),
-        input_sha256,
         created_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -382,14 +513,9 @@ fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcom
             version: kernel.package.version.clone(),
             deb_sha256: kernel.package.sha256.clone(),
             release: kernel.release.clone(),
-            modules: contents.modules.clone(),
+            modules,
         },
-        init: InitInfo {
-            source: req.init.clone(),
-            sha256: init_sha,
-            stripped: contents.stripped,
-            libraries: contents.libraries.iter().map(|l| l.path.clone()).collect(),
-        },
+        init,
         source: SourceInfo {
             kind: match req.source {
                 Source::Host => "host".into(),
@@ -403,9 +529,14 @@ fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcom
             masked: staged.masked.clone(),
         },
         artifacts: Artifacts {
-            vmlinux: artifact(&vmlinux_path, "elf")?,
-            initramfs: artifact(&initramfs_path, "cpio-newc")?,
-            rootfs: artifact(&rootfs_path, "ext4")?,
+            vmlinux: artifact(vmlinux_record, &vmlinux_path, &keys.vmlinux, "elf")?,
+            initramfs: artifact(
+                initramfs_record,
+                &initramfs_path,
+                &keys.initramfs,
+                "cpio-newc",
+            )?,
+            rootfs: artifact(rootfs_record, &rootfs_path, &keys.rootfs, "ext4")?,
         },
     };
     let json = serde_json::to_vec_pretty(&manifest)
@@ -415,10 +546,92 @@ fn build_here(req: &BuildRequest, progress: &dyn Progress) -> Result<BuildOutcom
     sync_dir(&build_dir)?;
     publish(&build_dir, &final_dir)?;
     std::mem::forget(guard);
+    prune_kernels(&images, &kernel_lock, &kernel.package.sha256);
     Ok(BuildOutcome {
         image: Image::open_dir(&final_dir)?,
         cached: false,
+        made,
     })
+}
+
+/// Unmounts the staged tree on every return.
+struct Staging<'a> {
+    tools: &'a dyn Tools,
+    at: &'a Path,
+}
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        self.tools.unstage(self.at);
+    }
+}
+
+fn file_name(path: &Path) -> Result<String, BuildError> {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| io_err("name", path)(io::ErrorKind::InvalidInput.into()))
+}
+
+/// Artifacts are readable by root only (the guest's whole system is in them).
+fn set_private(path: &Path) -> Result<(), BuildError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", path))
+}
+
+/// Hard links to `kernel`'s files under `dir` (copies across filesystems): this build
+/// keeps its kernel even if another build prunes it from the cache meanwhile.
+fn pin_kernel(kernel: &Kernel, dir: &Path) -> Result<Kernel, BuildError> {
+    let modules_dir = dir.join("modules");
+    fs::create_dir_all(&modules_dir).map_err(io_err("create", &modules_dir))?;
+    let link = |from: &Path, to: PathBuf| -> Result<PathBuf, BuildError> {
+        if fs::hard_link(from, &to).is_err() {
+            fs::copy(from, &to).map_err(io_err("copy", from))?;
+        }
+        Ok(to)
+    };
+    let vmlinux = link(&kernel.vmlinux, dir.join(manifest::VMLINUX))?;
+    let modules = kernel
+        .modules
+        .iter()
+        .map(|m| link(m, modules_dir.join(file_name(m)?)))
+        .collect::<Result<_, _>>()?;
+    Ok(Kernel {
+        package: kernel.package.clone(),
+        release: kernel.release.clone(),
+        vmlinux,
+        modules,
+    })
+}
+
+/// Drop the cached kernels that neither this build nor any image's manifest names
+/// (images keep their own hard link of `vmlinux`; the cache only spares downloads).
+/// Skipped when another build holds the kernel lock: the next build prunes.
+fn prune_kernels(images: &Path, kernel_lock: &Path, used: &str) {
+    let Ok(Some(_k)) = Lock::try_acquire(kernel_lock) else {
+        return;
+    };
+    let mut keep = kernels_in_use(images);
+    keep.insert(used.to_owned());
+    kernel::prune(&images.join("cache"), &keep);
+}
+
+/// The `.deb` SHA-256 of the kernel of every image under `images`, whatever the
+/// manifest's format.
+fn kernels_in_use(images: &Path) -> BTreeSet<String> {
+    let Ok(entries) = fs::read_dir(images) else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            !name.starts_with('.') && !RESERVED_NAMES.contains(&name.as_ref())
+        })
+        .filter_map(|e| {
+            let bytes = fs::read(e.path().join(manifest::MANIFEST)).ok()?;
+            let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            Some(json.get("kernel")?.get("deb_sha256")?.as_str()?.to_owned())
+        })
+        .collect()
 }
 
 /// Move the finished build into place in one step: an atomic exchange with the old

@@ -1,5 +1,7 @@
 //! `images/<name>/manifest.json`: what an image is made of, written last, so an
-//! image dir without it (or with missing files) is never taken as valid.
+//! image dir without it (or with missing files) is never taken as valid. Each
+//! artifact records the hash of its own inputs, so a build remakes only the artifacts
+//! whose inputs changed.
 
 use std::fs;
 use std::io;
@@ -11,16 +13,16 @@ pub const MANIFEST: &str = "manifest.json";
 pub const VMLINUX: &str = "vmlinux";
 pub const INITRAMFS: &str = "initramfs.cpio";
 pub const ROOTFS: &str = "rootfs.ext4";
-/// The version of this layout; readers refuse other values.
-pub const FORMAT: u32 = 1;
+/// The version of this layout; readers refuse other values. 2: an input hash per
+/// artifact (1 had one for the whole image).
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
     pub name: String,
-    /// SHA-256 over every input (see `docs/design/microvm-image.md`); equal inputs →
-    /// the build is skipped.
-    pub input_sha256: String,
+    /// When this manifest was written (an artifact may be older: see
+    /// [`Artifact::input_sha256`]).
     pub created_unix: u64,
     pub kernel: KernelInfo,
     pub init: InitInfo,
@@ -71,6 +73,11 @@ pub struct Artifacts {
 pub struct Artifact {
     /// Relative to the manifest's directory.
     pub path: String,
+    /// SHA-256 over this artifact's inputs (see `docs/design/microvm-image.md`): a
+    /// build whose inputs for it hash the same keeps this very file (a hard link into
+    /// the new image) instead of making it again.
+    pub input_sha256: String,
+    /// SHA-256 of the file.
     pub sha256: String,
     pub size: u64,
     /// `elf` (vmlinux), `cpio-newc` (uncompressed initramfs), `ext4` (rootfs).
@@ -125,17 +132,22 @@ impl Image {
             }
             Err(source) => return Err(ManifestError::Read { path, source }),
         };
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|source| ManifestError::Invalid {
-                path: path.clone(),
-                source,
-            })?;
-        if manifest.format != FORMAT {
-            return Err(ManifestError::Format {
-                path,
-                found: manifest.format,
-            });
+        // The version first: another format's fields are not this one's.
+        #[derive(Deserialize)]
+        struct Versioned {
+            format: u32,
         }
+        let invalid = |source| ManifestError::Invalid {
+            path: path.clone(),
+            source,
+        };
+        let found = serde_json::from_slice::<Versioned>(&bytes)
+            .map_err(invalid)?
+            .format;
+        if found != FORMAT {
+            return Err(ManifestError::Format { path, found });
+        }
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(invalid)?;
         let a = &manifest.artifacts;
         for art in [&a.vmlinux, &a.initramfs, &a.rootfs] {
             let ok = !art.path.contains('/')
@@ -155,5 +167,56 @@ impl Image {
             rootfs: dir.join(&a.rootfs.path),
             manifest,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest as berth wrote it before artifacts had their own input hashes.
+    const FORMAT_1: &str = r#"{
+      "format": 1, "name": "host", "input_sha256": "ab", "created_unix": 1,
+      "kernel": { "package": "p", "version": "v", "deb_sha256": "d", "release": "r",
+                  "modules": [] },
+      "init": { "source": "/b", "sha256": "s", "stripped": true, "libraries": [] },
+      "source": { "kind": "host", "path": "/", "excluded": [], "masked": [] },
+      "artifacts": {
+        "vmlinux": { "path": "vmlinux", "sha256": "x", "size": 1, "format": "elf" },
+        "initramfs": { "path": "initramfs.cpio", "sha256": "x", "size": 1, "format": "cpio-newc" },
+        "rootfs": { "path": "rootfs.ext4", "sha256": "x", "size": 1, "format": "ext4" }
+      }
+    }"#;
+
+    #[test]
+    fn older_format_asks_for_a_rebuild() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        fs::write(tmp.path().join(MANIFEST), FORMAT_1).expect("write");
+        for f in [VMLINUX, INITRAMFS, ROOTFS] {
+            fs::write(tmp.path().join(f), "x").expect("write");
+        }
+        let err = Image::open_dir(tmp.path()).expect_err("format 1 must be refused");
+        assert!(
+            matches!(err, ManifestError::Format { found: 1, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("rebuild it with `berth image build`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_invalid_not_a_panic() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        for bad in ["", "{", r#"{"format": "two"}"#, r#"{"format": 2}"#] {
+            fs::write(tmp.path().join(MANIFEST), bad).expect("write");
+            let err = Image::open_dir(tmp.path()).expect_err("invalid");
+            assert!(
+                matches!(err, ManifestError::Invalid { .. }),
+                "{bad}: {err:?}"
+            );
+        }
     }
 }

@@ -182,7 +182,16 @@ fn image_boots_under_qemu_and_rebuild_is_a_no_op() {
     fs::write(root.join("hello.txt"), "hello again\n").expect("hello");
     let changed = build(&req, &Quiet).expect("rebuild after a change");
     assert!(!changed.cached);
-    assert_ne!(changed.image.manifest.input_sha256, m.input_sha256);
+    // Only the rootfs: the kernel and the initramfs are the previous files.
+    assert!(changed.made.rootfs && !changed.made.initramfs && !changed.made.vmlinux);
+    assert_ne!(
+        changed.image.manifest.artifacts.rootfs.input_sha256,
+        m.artifacts.rootfs.input_sha256
+    );
+    assert_eq!(
+        changed.image.manifest.artifacts.initramfs,
+        m.artifacts.initramfs
+    );
 
     let started = Instant::now();
     let console = boot(&changed.image, tmp.path());
