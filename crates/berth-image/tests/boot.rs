@@ -166,11 +166,8 @@ fn image_boots_under_qemu_and_rebuild_is_a_no_op() {
     let rootfs_mtime = fs::metadata(&image.rootfs)
         .and_then(|m| m.modified())
         .expect("mtime");
-    let started = Instant::now();
     let again = build(&req, &Quiet).expect("rebuild");
-    let took = started.elapsed();
     assert!(again.cached, "unchanged inputs must be a cache hit");
-    assert!(took < Duration::from_secs(1), "cache hit took {took:?}");
     assert_eq!(again.image.manifest, *m);
     assert_eq!(
         fs::metadata(&image.rootfs)
