@@ -7,6 +7,7 @@ pub mod driver;
 mod error;
 mod files;
 mod lifecycle;
+mod ports;
 mod recordings;
 mod runtimes;
 mod sessions;
@@ -19,6 +20,7 @@ pub use commands::{CommandStream, ExecEvent};
 pub use driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
 pub use error::CoreError;
 pub use files::{FileInfo, ReadStream};
+pub use ports::PortStream;
 pub use sessions::Core;
 pub use shells::{
     NoticeKind, ShellAttached, ShellAttachment, ShellEvent, ShellEvents, ShellInputs,

@@ -9,8 +9,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::guest_client::GuestClient;
 use crate::proto::{
-    shell_input, write_file_input, Empty, ShellAttachStart, ShellInput, ShellOutput,
-    WriteFileInput, WriteTarget,
+    shell_input, tunnel_input, write_file_input, Empty, ShellAttachStart, ShellInput, ShellOutput,
+    TunnelInput, TunnelOpen, TunnelOutput, WriteFileInput, WriteTarget,
 };
 
 /// Largest HTTP/2 frame the guest may send us (a whole output chunk fits in one).
@@ -84,6 +84,29 @@ where
                 msg(write_file_input::Kind::End(Empty {}))
             }));
     Ok(guest.write_file(messages).await?.into_inner().bytes)
+}
+
+/// Open a tunnel to `port` on the sandbox's loopback (`Connect`): sends `open`, then
+/// each chunk of `data`; the end of `data` shuts the connection down for writing, and
+/// the returned output ends when the peer closes its side. Resolves once the guest is
+/// connected: nothing listening on the port is `Unavailable` here. Dropping the output
+/// cancels the call — closing the connection outright — once `data` has ended too (an
+/// HTTP/2 stream is reset only when neither half is in use), so drop both together.
+pub async fn connect_port<S>(
+    guest: &mut Guest,
+    port: u16,
+    data: S,
+) -> Result<tonic::Streaming<TunnelOutput>, tonic::Status>
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+{
+    let msg = |kind| TunnelInput { kind: Some(kind) };
+    let open = tunnel_input::Kind::Open(TunnelOpen {
+        port: u32::from(port),
+    });
+    let messages = futures::stream::once(async move { msg(open) })
+        .chain(data.map(move |chunk| msg(tunnel_input::Kind::Data(chunk))));
+    Ok(guest.connect(messages).await?.into_inner())
 }
 
 /// An attachment to a shell (`ShellAttach`): send inputs with the `ShellInput`

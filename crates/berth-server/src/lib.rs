@@ -7,6 +7,7 @@ mod auth;
 mod error;
 mod extract;
 mod openapi;
+mod ports;
 mod routes;
 mod shells;
 

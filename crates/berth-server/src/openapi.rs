@@ -2,7 +2,7 @@
 
 use utoipa::OpenApi;
 
-use crate::{routes, shells};
+use crate::{ports, routes, shells};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,7 @@ use crate::{routes, shells};
         routes::run_command, routes::signal_command,
         routes::read_file, routes::write_file,
         shells::open_shell, shells::list_shells, shells::kill_shell, shells::shell_recording, shells::attach_shell,
+        ports::connect_port,
     ),
     components(schemas(berth_api::ErrorBody, berth_api::ApiError, berth_api::ErrorCode, berth_api::CommandEvent, berth_api::ShellStatus, berth_api::shell::ResizeMessage)),
     modifiers(&BearerAuth),

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::extract::{ApiJson, ApiQuery};
-use crate::{auth, openapi, shells, AppError, AppState, MAX_JSON_BODY};
+use crate::{auth, openapi, ports, shells, AppError, AppState, MAX_JSON_BODY};
 
 /// Uploads stream to the sandbox, so their limit only guards against runaway clients;
 /// the workspace quota is the real bound.
@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/sessions/{id}/shells/{shell}/attach",
             get(shells::attach_shell),
         )
+        .route("/v1/sessions/{id}/ports/{port}", get(ports::connect_port))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(files)
         .route_layer(middleware::from_fn_with_state(

@@ -10,6 +10,7 @@ mod files;
 mod reaper;
 mod shell;
 mod sys;
+mod tunnel;
 pub mod vm;
 
 pub use shell::{CLIENT_QUEUE, RING};
@@ -36,8 +37,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::proto::guest_server::{Guest, GuestServer};
 use crate::proto::{
     Empty, ExecInput, FileInfo, HealthResponse, ListDirResponse, PathRequest, ReadFileRequest,
-    ShellInfo, ShellInput, ShellKillRequest, ShellListResponse, ShellOpenRequest, WriteFileInput,
-    WriteFileResponse,
+    ShellInfo, ShellInput, ShellKillRequest, ShellListResponse, ShellOpenRequest, TunnelInput,
+    WriteFileInput, WriteFileResponse,
 };
 use reaper::Reaper;
 
@@ -327,6 +328,7 @@ impl Guest for Service {
     type ExecStream = exec::OutputStream;
     type ReadFileStream = files::ChunkStream;
     type ShellAttachStream = shell::OutputStream;
+    type ConnectStream = tunnel::OutputStream;
 
     async fn exec(&self, request: Request<Streaming<ExecInput>>) -> GuestResult<Self::ExecStream> {
         exec::exec(self.0.clone(), request.into_inner())
@@ -402,6 +404,15 @@ impl Guest for Service {
     async fn shell_kill(&self, request: Request<ShellKillRequest>) -> GuestResult<ShellInfo> {
         let req = request.into_inner();
         shell::kill(&self.0, &req.shell_id, req.signal)
+            .await
+            .map(Response::new)
+    }
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<TunnelInput>>,
+    ) -> GuestResult<Self::ConnectStream> {
+        tunnel::connect(request.into_inner())
             .await
             .map(Response::new)
     }
