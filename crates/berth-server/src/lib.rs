@@ -3,6 +3,7 @@
 //! Routes only parse requests into `berth-api` values, call the core, and map results
 //! and errors back; every error leaves as `{"error":{"code","message"}}`.
 
+pub mod agentcore;
 mod auth;
 mod error;
 mod extract;
@@ -26,9 +27,16 @@ pub const MAX_JSON_BODY: usize = 1 << 20;
 pub struct AppState {
     pub core: Core,
     pub tokens: Arc<Tokens>,
+    /// The AgentCore-compatible API (`/runtimes/…`); `None` leaves it unmounted.
+    pub agentcore: Option<agentcore::AgentCore>,
 }
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    routes::router(state)
+    let native = routes::router(state.clone());
+    if state.agentcore.is_some() {
+        native.merge(agentcore::router(state))
+    } else {
+        native
+    }
 }

@@ -84,7 +84,11 @@ async fn app() -> App {
         .await
         .unwrap();
     App {
-        router: berth_server::app(AppState { core, tokens }),
+        router: berth_server::app(AppState {
+            core,
+            tokens,
+            agentcore: None,
+        }),
         token,
         _dir: dir,
     }

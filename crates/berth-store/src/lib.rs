@@ -3,6 +3,7 @@
 //! The database runs in WAL mode with `synchronous=FULL`, so a record whose write
 //! returned survives a SIGKILL of the server (and a power cut).
 
+pub mod agentcore;
 mod records;
 
 use std::path::Path;

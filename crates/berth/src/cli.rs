@@ -184,6 +184,21 @@ pub struct ServerArgs {
     /// `namespace`; `microvm` pins microVMs even under TCG.
     #[arg(long, value_enum, default_value = "auto")]
     pub default_isolation: IsolationArg,
+    /// AWS region in the ARNs of AgentCore runtimes (`arn:aws:bedrock-agentcore:REGION:…`);
+    /// AgentCore clients must be configured with the same region.
+    #[arg(long, default_value = berth_server::agentcore::DEFAULT_REGION, help_heading = "AgentCore")]
+    pub region: String,
+    /// Twelve-digit account id in the ARNs of AgentCore runtimes.
+    #[arg(long, default_value = berth_server::agentcore::DEFAULT_ACCOUNT_ID, help_heading = "AgentCore")]
+    pub account_id: String,
+    /// Object store that AgentCore code zips are read from, one directory per bucket:
+    /// `s3://BUCKET/KEY` is DIR/BUCKET/KEY [default: <data-dir>/buckets].
+    #[arg(long, value_name = "DIR", help_heading = "AgentCore")]
+    pub object_store: Option<PathBuf>,
+    /// Host directory mounted (read-write) where an AgentCore runtime asks for this EFS or
+    /// S3 Files access point in `filesystemConfigurations`; repeatable.
+    #[arg(long, value_name = "ARN=DIR", value_parser = berth_server::agentcore::parse_shared_dir, help_heading = "AgentCore")]
+    pub shared_dir: Vec<(String, PathBuf)>,
     /// Print what this host supports (drivers, KVM or TCG) and exit.
     #[arg(long)]
     pub info: bool,

@@ -53,9 +53,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         logs_dir: Some(data_dir.join("logs")),
         ..CoreConfig::default()
     };
-    let core = Core::new(store, driver, config)
+    let core = Core::new(store.clone(), driver, config)
         .await
         .context("cannot start the core")?;
+    let agentcore = agentcore(&args, &data_dir, &core, store).await?;
     let background = core.spawn_background();
 
     let addr: SocketAddr = args
@@ -70,6 +71,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let app = berth_server::app(AppState {
         core: core.clone(),
         tokens,
+        agentcore: Some(agentcore),
     });
     if created {
         eprintln!("berth: created the admin token in {}", token_path.display());
@@ -103,6 +105,34 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Anything started while shutting down.
     core.stop_all("server_stop").await;
     Ok(())
+}
+
+/// The AgentCore-compatible API's state, from the `--region`, `--account-id`,
+/// `--object-store` and `--shared-dir` flags.
+async fn agentcore(
+    args: &ServerArgs,
+    data_dir: &std::path::Path,
+    core: &Core,
+    store: berth_store::Store,
+) -> anyhow::Result<berth_server::agentcore::AgentCore> {
+    use berth_server::agentcore::{AgentCore, AgentCoreConfig};
+    let mut config = AgentCoreConfig::new(data_dir);
+    config.region = args.region.clone();
+    config.account_id = args.account_id.clone();
+    match &args.object_store {
+        Some(dir) => config.object_store_dir = dir.clone(),
+        None => std::fs::create_dir_all(&config.object_store_dir)
+            .with_context(|| format!("cannot create {}", config.object_store_dir.display()))?,
+    }
+    for (arn, dir) in &args.shared_dir {
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("--shared-dir {arn}={}", dir.display()))?;
+        config.shared_dirs.insert(arn.clone(), dir);
+    }
+    AgentCore::start(core.clone(), store, config)
+        .await
+        .context("cannot start the AgentCore API")
 }
 
 async fn shutdown_signal() {
