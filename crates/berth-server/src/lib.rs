@@ -11,6 +11,7 @@ mod openapi;
 mod ports;
 mod routes;
 mod shells;
+pub mod tls;
 
 use std::sync::Arc;
 

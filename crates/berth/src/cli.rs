@@ -202,6 +202,36 @@ pub struct ServerArgs {
     /// Print what this host supports (drivers, KVM or TCG) and exit.
     #[arg(long)]
     pub info: bool,
+    /// Serve HTTPS with this PEM certificate chain (leaf first) instead of a generated
+    /// certificate; needs --tls-key.
+    ///
+    /// The --listen port serves plain HTTP and HTTPS alike (told apart by the first byte
+    /// of each connection; ALPN h2 and http/1.1). Without --tls-cert, the first start
+    /// generates a CA in <data-dir>/tls/ (ca.pem, key ca.key) and a server certificate
+    /// signed by it (server.pem, server.key) for localhost, 127.0.0.1, ::1, this host's
+    /// name and every --tls-san. Later starts reuse them, re-issuing the server
+    /// certificate from the same CA when the names change or it expires within 30 days,
+    /// so clients keep trusting ca.pem: `curl --cacert <data-dir>/tls/ca.pem`,
+    /// AWS_CA_BUNDLE=<data-dir>/tls/ca.pem for boto3 and the AWS SDKs.
+    #[arg(long, value_name = "PEM", requires = "tls_key", help_heading = "HTTPS")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_cert",
+        help_heading = "HTTPS"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Another DNS name (`*.` wildcards allowed) or IP address the generated server
+    /// certificate covers; repeatable.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "tls_cert",
+        help_heading = "HTTPS"
+    )]
+    pub tls_san: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use berth_core::{Core, CoreConfig};
+use berth_server::tls::{self, CaState, CertSource, ServerState, Trust};
 use berth_server::{AppState, Tokens};
 
 use crate::cli::ServerArgs;
@@ -31,6 +32,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let drivers = super::drivers::build(&args, &data_dir)?;
     if args.info {
         super::drivers::print_info(&drivers, &data_dir).await;
+        print_tls_info(&args, &data_dir);
         return Ok(());
     }
     if drivers.microvm.is_none() {
@@ -41,6 +43,23 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     super::drivers::probe_in_background(&drivers);
     let driver = drivers.drivers;
+
+    let tls = tls::setup(&tls_source(&args, &data_dir)).context("cannot set up HTTPS")?;
+    if let Some(generated) = &tls.generated {
+        let dir = tls::CertDir::in_data_dir(&data_dir);
+        match generated.ca {
+            CaState::Created => eprintln!("berth: created a CA in {}", dir.ca_cert().display()),
+            CaState::Rebuilt => eprintln!(
+                "berth: rebuilt {} from {}",
+                dir.ca_cert().display(),
+                dir.ca_key().display()
+            ),
+            CaState::Existing => {}
+        }
+        if let ServerState::Issued(why) = &generated.server {
+            tracing::info!("issued {} from the CA: {why}", dir.server_cert().display());
+        }
+    }
 
     let store = berth_store::Store::open(&data_dir.join("state.db")).await?;
     let tokens = Arc::new(Tokens::default());
@@ -83,6 +102,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         listener.local_addr()?,
         data_dir.display()
     );
+    match &tls.trust {
+        Trust::GeneratedCa(ca) => eprintln!(
+            "berth: HTTPS on the same port; clients trust {} (AWS_CA_BUNDLE={0})",
+            ca.display()
+        ),
+        Trust::Operator(cert) => {
+            eprintln!("berth: HTTPS on the same port with {}", cert.display())
+        }
+    }
 
     // Stop the sandboxes before waiting for connections to drain: that ends every open
     // command stream, which graceful shutdown would otherwise wait for indefinitely.
@@ -98,6 +126,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    // Plain HTTP and HTTPS on the one port, told apart per connection.
+    let listener =
+        tls::SniffingListener::new(listener, tls.config).context("cannot listen for HTTPS")?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -105,6 +136,42 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Anything started while shutting down.
     core.stop_all("server_stop").await;
     Ok(())
+}
+
+/// Where the HTTPS certificate comes from: the operator's, or generated in the data dir.
+fn tls_source(args: &ServerArgs, data_dir: &std::path::Path) -> CertSource {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => CertSource::Operator {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => CertSource::Generated {
+            data_dir: data_dir.to_path_buf(),
+            names: tls::default_names(&args.tls_san),
+        },
+    }
+}
+
+/// `berth server --info`: what clients trust for HTTPS.
+fn print_tls_info(args: &ServerArgs, data_dir: &std::path::Path) {
+    match tls_source(args, data_dir) {
+        CertSource::Operator { cert, .. } => {
+            println!("https: same port as http, certificate {}", cert.display())
+        }
+        CertSource::Generated { names, .. } => {
+            let ca = tls::ca_path(data_dir);
+            let made = if ca.exists() {
+                ""
+            } else {
+                ", created on first start"
+            };
+            println!(
+                "https: same port as http; clients trust {}{made} (AWS_CA_BUNDLE); names {}",
+                ca.display(),
+                names.join(", ")
+            );
+        }
+    }
 }
 
 /// The AgentCore-compatible API's state, from the `--region`, `--account-id`,
