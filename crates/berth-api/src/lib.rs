@@ -4,6 +4,7 @@
 //! these types; nothing here performs I/O. Validation rules that belong to the API itself
 //! (identifier syntax, limits) live here too so that the server and the CLI agree.
 
+pub mod access_key;
 pub mod command;
 pub mod error;
 pub mod file;
@@ -13,6 +14,7 @@ pub mod session;
 pub mod shell;
 pub mod validate;
 
+pub use access_key::{AccessKey, CreateAccessKey, CreatedAccessKey};
 pub use command::{CommandEvent, CommandRequest, SignalRequest};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use file::FileInfo;

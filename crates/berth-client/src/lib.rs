@@ -147,6 +147,23 @@ impl Client {
             .map(drop)
     }
 
+    /// Create an access key for SigV4 clients; the answer holds its secret (admin only).
+    pub async fn create_access_key(
+        &self,
+        req: &berth_api::CreateAccessKey,
+    ) -> Result<berth_api::CreatedAccessKey, ClientError> {
+        self.json(self.req(Method::POST, "/v1/access-keys").json(req))
+            .await
+    }
+    pub async fn list_access_keys(&self) -> Result<Vec<berth_api::AccessKey>, ClientError> {
+        self.json(self.req(Method::GET, "/v1/access-keys")).await
+    }
+    pub async fn delete_access_key(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/v1/access-keys/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
     /// Run a command; events arrive as the process produces output.
     pub async fn run_command(
         &self,

@@ -2,7 +2,7 @@
 
 use utoipa::OpenApi;
 
-use crate::{ports, routes, shells};
+use crate::{access_keys, ports, routes, shells};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,6 +15,7 @@ use crate::{ports, routes, shells};
         routes::read_file, routes::write_file,
         shells::open_shell, shells::list_shells, shells::kill_shell, shells::shell_recording, shells::attach_shell,
         ports::connect_port,
+        access_keys::create_access_key, access_keys::list_access_keys, access_keys::delete_access_key,
     ),
     components(schemas(berth_api::ErrorBody, berth_api::ApiError, berth_api::ErrorCode, berth_api::CommandEvent, berth_api::ShellStatus, berth_api::shell::ResizeMessage)),
     modifiers(&BearerAuth),

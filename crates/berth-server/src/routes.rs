@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
             get(shells::attach_shell),
         )
         .route("/v1/sessions/{id}/ports/{port}", get(ports::connect_port))
+        .merge(crate::access_keys::routes())
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(files)
         .route_layer(middleware::from_fn_with_state(

@@ -80,6 +80,7 @@ async fn app() -> App {
         0o600
     );
     let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    let access_keys = Arc::new(berth_server::AccessKeys::new(store.clone(), dir.path()));
     let core = Core::new(store, Arc::new(NoSandboxes), CoreConfig::default())
         .await
         .unwrap();
@@ -87,6 +88,7 @@ async fn app() -> App {
         router: berth_server::app(AppState {
             core,
             tokens,
+            access_keys,
             agentcore: None,
         }),
         token,

@@ -3,6 +3,7 @@
 //! The database runs in WAL mode with `synchronous=FULL`, so a record whose write
 //! returned survives a SIGKILL of the server (and a power cut).
 
+mod access_keys;
 pub mod agentcore;
 mod records;
 
@@ -13,6 +14,7 @@ use berth_api::RuntimeSpec;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+pub use access_keys::{AccessKeyRecord, SealedSecret};
 pub use records::{SessionRecord, StoredRuntime};
 
 #[derive(Debug, thiserror::Error)]

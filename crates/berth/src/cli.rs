@@ -62,6 +62,10 @@ pub enum Command {
     /// Build microVM images (guest kernel, initramfs, root filesystem).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Create, list and delete access keys: the AWS-style key pairs that boto3 and the
+    /// AgentCore SDKs sign requests with (SigV4). Needs the admin token.
+    #[command(subcommand)]
+    AccessKey(AccessKeyCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -405,6 +409,29 @@ pub enum SessionCmd {
         remote: Remote,
     },
     /// Delete the session and its workspace.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccessKeyCmd {
+    /// Create an access key and print its secret, which is never shown again.
+    Create {
+        /// A label for people, e.g. who or what uses the key.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List access keys: id, name, when created and last used (never the secrets).
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete an access key; requests signed with it are refused from then on.
     Delete {
         id: String,
         #[command(flatten)]

@@ -107,6 +107,7 @@ async fn build(dir: tempfile::TempDir, data: PathBuf) -> App {
         .unwrap();
     let tokens = Arc::new(Tokens::default());
     tokens.insert_hash(crate::hash_token(TOKEN));
+    let access_keys = Arc::new(crate::AccessKeys::new(store.clone(), &data));
     let core = Core::new(store.clone(), Arc::new(NoSandboxes), CoreConfig::default())
         .await
         .unwrap();
@@ -122,6 +123,7 @@ async fn build(dir: tempfile::TempDir, data: PathBuf) -> App {
         router: crate::app(AppState {
             core: core.clone(),
             tokens,
+            access_keys,
             agentcore: Some(ac),
         }),
         core,

@@ -1,5 +1,6 @@
 //! One module per subcommand; each returns the process exit code.
 
+mod access_key;
 mod admin;
 mod cp;
 mod drivers;
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Session(cmd) => admin::session(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Shell(cmd) => shell::command(cmd).await.map(|()| ExitCode::SUCCESS),
             Command::Image(cmd) => image::run(cmd).await.map(|()| ExitCode::SUCCESS),
+            Command::AccessKey(cmd) => access_key::run(cmd).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Background tasks (e.g. a reader blocked on stdin) must not keep the process alive.

@@ -65,6 +65,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let tokens = Arc::new(Tokens::default());
     let (token_path, created) =
         berth_server::ensure_admin_token(&store, &data_dir, &tokens, now_ms()).await?;
+    let access_keys = Arc::new(berth_server::AccessKeys::new(store.clone(), &data_dir));
     let config = CoreConfig {
         max_sandboxes: args.max_sandboxes,
         retention: Duration::from_secs(args.retention),
@@ -90,6 +91,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let app = berth_server::app(AppState {
         core: core.clone(),
         tokens,
+        access_keys,
         agentcore: Some(agentcore),
     });
     if created {

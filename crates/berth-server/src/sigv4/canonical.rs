@@ -1,0 +1,353 @@
+//! The canonical request, exactly as botocore's `SigV4Auth` builds it for rest-json
+//! services (`botocore/auth.py`, botocore 1.44.5), and the SigV4 time formats.
+//!
+//! The client signs the URL it sends, so everything here starts from the request as
+//! received: the raw path and raw query string, never a decoded form of them.
+
+/// RFC 3986 unreserved characters: the only bytes SigV4 leaves unencoded.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
+}
+
+/// Percent-encode every byte outside the unreserved set (and `/` when `keep_slash`),
+/// with upper-case hex, as Python's `urllib.parse.quote` does.
+pub(crate) fn uri_encode(bytes: &[u8], keep_slash: bool, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if is_unreserved(b) || (keep_slash && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        }
+    }
+}
+
+/// Decode `%XX` escapes; anything else (a `+`, a stray `%`) stays as it is.
+pub(crate) fn percent_decode(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hi = (bytes[i + 1] as char).to_digit(16);
+            let lo = (bytes[i + 2] as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The canonical URI of a non-S3 service: dot segments and empty segments removed
+/// (botocore's `remove_dot_segments`), then every byte outside the unreserved set and
+/// `/` percent-encoded *again*. A path the client already encoded is encoded twice:
+/// botocore sends `/runtimes/arn%3Aaws…` and signs `/runtimes/arn%253Aaws…`.
+pub(crate) fn canonical_path(raw: &str) -> String {
+    let normalized = remove_dot_segments(raw);
+    let mut out = String::with_capacity(normalized.len() + 16);
+    uri_encode(normalized.as_bytes(), true, &mut out);
+    out
+}
+
+/// botocore `utils.remove_dot_segments` (RFC 3986 5.2.4 plus AWS's collapsing of
+/// consecutive slashes); an empty path is `/`.
+fn remove_dot_segments(path: &str) -> String {
+    if path.is_empty() {
+        return "/".to_string();
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    if path.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(&segments.join("/"));
+    if path.ends_with('/') && !segments.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// One query parameter, decoded.
+pub(crate) struct QueryParam {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Split a raw query string the way botocore does (`&`, then the first `=`); a
+/// parameter without `=` has an empty value. Keys and values are percent-decoded.
+pub(crate) fn parse_query(raw: &str) -> Vec<QueryParam> {
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    raw.split('&')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            QueryParam {
+                key: percent_decode(k),
+                value: percent_decode(v),
+            }
+        })
+        .collect()
+}
+
+/// The canonical query string: every parameter re-encoded with the SigV4 rules, sorted
+/// by encoded key and then encoded value, `key=value` joined with `&`. `skip` names a
+/// parameter left out (`X-Amz-Signature` of a presigned URL).
+///
+/// botocore signs the query exactly as it put it on the URL, which is already encoded
+/// with these rules, so decoding and re-encoding gives back its very bytes; it also
+/// gives the canonical form for a client that encoded differently (`%3a`, raw `:`).
+pub(crate) fn canonical_query(params: &[QueryParam], skip: Option<&[u8]>) -> String {
+    let mut pairs: Vec<(String, String)> = params
+        .iter()
+        .filter(|p| Some(p.key.as_slice()) != skip)
+        .map(|p| {
+            let mut k = String::new();
+            let mut v = String::new();
+            uri_encode(&p.key, false, &mut k);
+            uri_encode(&p.value, false, &mut v);
+            (k, v)
+        })
+        .collect();
+    pairs.sort();
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
+    out
+}
+
+/// A header's canonical value: each occurrence with surrounding whitespace removed and
+/// inner runs of whitespace collapsed to one space (botocore: `' '.join(v.split())`),
+/// occurrences joined with `,` in the order received.
+pub(crate) fn canonical_header_value<'v>(
+    values: impl Iterator<Item = &'v [u8]>,
+    out: &mut Vec<u8>,
+) {
+    for (i, value) in values.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let mut first = true;
+        for word in value
+            .split(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+            .filter(|w| !w.is_empty())
+        {
+            if !first {
+                out.push(b' ');
+            }
+            out.extend_from_slice(word);
+            first = false;
+        }
+    }
+}
+
+// ---- time ----
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn digits(s: &str) -> Option<i64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn unix_seconds(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64) -> Option<i64> {
+    let days_in_month = match mo {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if !(1..=days_in_month).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s)
+}
+
+/// `20150830T123600Z` (the SigV4 timestamp) as unix seconds.
+pub(crate) fn parse_amz_date(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    unix_seconds(
+        digits(&s[0..4])?,
+        digits(&s[4..6])?,
+        digits(&s[6..8])?,
+        digits(&s[9..11])?,
+        digits(&s[11..13])?,
+        digits(&s[13..15])?,
+    )
+}
+
+/// Unix seconds as a SigV4 timestamp, `20150830T123600Z`.
+pub(crate) fn format_amz_date(secs: i64) -> String {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// An HTTP `Date` header (`Sun, 30 Aug 2015 12:36:00 GMT`, or `-0000`/`+0000` as Python's
+/// `email.utils.formatdate` writes it, which botocore uses when a request has a `Date`).
+pub(crate) fn parse_http_date(s: &str) -> Option<i64> {
+    let rest = s.trim().split_once(", ").map_or(s.trim(), |(_, r)| r);
+    let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let [day, month, year, time, zone] = parts.as_slice() else {
+        return None;
+    };
+    if !matches!(*zone, "GMT" | "UTC" | "-0000" | "+0000") {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| m == month)? as i64 + 1;
+    let hms: Vec<&str> = time.split(':').collect();
+    let [h, mi, sec] = hms.as_slice() else {
+        return None;
+    };
+    if year.len() != 4 || h.len() != 2 || mi.len() != 2 || sec.len() != 2 {
+        return None;
+    }
+    unix_seconds(
+        digits(year)?,
+        month,
+        digits(day)?,
+        digits(h)?,
+        digits(mi)?,
+        digits(sec)?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalized_then_encoded_again() {
+        for (raw, want) in [
+            ("", "/"),
+            ("/", "/"),
+            ("/./", "/"),
+            ("/example1/example2/../..", "/"),
+            ("/example/..", "/"),
+            ("//example//", "/example/"),
+            ("/example space/", "/example%20space/"),
+            ("/-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", "/-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
+            ("/\u{1234}", "/%E1%88%B4"),
+            (
+                "/runtimes/arn%3Aaws%3Abedrock-agentcore%3Aus-east-1%3A123456789012%3Aruntime%2Fagent-abc1234567/invocations",
+                "/runtimes/arn%253Aaws%253Abedrock-agentcore%253Aus-east-1%253A123456789012%253Aruntime%252Fagent-abc1234567/invocations",
+            ),
+        ] {
+            assert_eq!(canonical_path(raw), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn query_is_decoded_reencoded_and_sorted() {
+        let q = |raw: &str| canonical_query(&parse_query(raw), None);
+        assert_eq!(q(""), "");
+        assert_eq!(
+            q("Param2=value2&Param1=value1"),
+            "Param1=value1&Param2=value2"
+        );
+        assert_eq!(q("b=2&a=1&b=1&B=0"), "B=0&a=1&b=1&b=2");
+        assert_eq!(q("flag&empty="), "empty=&flag=");
+        assert_eq!(q("a=%3a%2F&c=x y+z:"), "a=%3A%2F&c=x%20y%2Bz%3A");
+        assert_eq!(q("a=%zz%4"), "a=%25zz%254");
+        let skip = canonical_query(
+            &parse_query("X-Amz-Signature=abc&X-Amz-Date=1"),
+            Some(b"X-Amz-Signature"),
+        );
+        assert_eq!(skip, "X-Amz-Date=1");
+    }
+
+    #[test]
+    fn header_values_are_trimmed_and_joined() {
+        let mut out = Vec::new();
+        canonical_header_value(
+            [&b"  a   b\t c  "[..], b"second", b""].into_iter(),
+            &mut out,
+        );
+        assert_eq!(out, b"a b c,second,");
+    }
+
+    #[test]
+    fn times_round_trip() {
+        assert_eq!(parse_amz_date("20150830T123600Z"), Some(1_440_938_160));
+        assert_eq!(format_amz_date(1_440_938_160), "20150830T123600Z");
+        assert_eq!(format_amz_date(0), "19700101T000000Z");
+        assert_eq!(parse_amz_date("20240229T000000Z"), Some(1_709_164_800));
+        for bad in [
+            "20150830T123600",
+            "2015-08-30T12:36:00Z",
+            "20150230T123600Z",
+            "20151330T123600Z",
+            "20150830T243600Z",
+            "2015083OT123600Z",
+            "+0150830T123600Z",
+        ] {
+            assert_eq!(parse_amz_date(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_http_date("Sun, 30 Aug 2015 12:36:00 GMT"),
+            Some(1_440_938_160)
+        );
+        assert_eq!(
+            parse_http_date("Sun, 30 Aug 2015 12:36:00 -0000"),
+            Some(1_440_938_160)
+        );
+        assert_eq!(parse_http_date("Sun, 30 Aug 2015 12:36:00 +0200"), None);
+    }
+}
