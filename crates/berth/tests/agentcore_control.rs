@@ -535,17 +535,16 @@ async fn bad_requests_get_aws_errors() {
         assert!(a.body["message"].is_string(), "{a:?}");
     };
 
-    // 401: no credentials, or a token this server did not issue.
+    // 403: no credentials, or a token this server did not issue (AWS's codes).
     let a = send(reqwest::Client::new().post(format!("{}/runtimes/", s.url))).await;
-    check(&a, 401, "UnrecognizedClientException");
-    assert_eq!(a.body["message"], "missing or invalid credentials");
+    check(&a, 403, "MissingAuthenticationTokenException");
     let a = send(
         reqwest::Client::new()
             .post(format!("{}/runtimes/", s.url))
             .bearer_auth("berth_not_a_token"),
     )
     .await;
-    check(&a, 401, "UnrecognizedClientException");
+    check(&a, 403, "UnrecognizedClientException");
 
     // 400 ValidationException naming the wire paths.
     let mut body = create_body("bad-name", "agents", "agent.zip", "PYTHON_2_7");

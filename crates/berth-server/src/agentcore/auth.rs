@@ -1,19 +1,30 @@
 //! Authentication of the AgentCore routes: one middleware over all of them.
 //!
-//! Today it accepts Berth's bearer tokens (the admin token). This is the seam where the
-//! SigV4 verifier plugs in: extend [`require_credentials`] to accept a valid SigV4
-//! signature as well (keeping [`bearer_ok`]), or wrap the router returned by
-//! `agentcore::router` in another layer and have it mark the request as authenticated.
-//! Whatever it answers for a refused request must be an [`AwsError`] so that botocore
-//! raises a ClientError with the right code.
+//! A request is accepted when it carries a SigV4 signature (header or presigned query)
+//! made with an access key from `berth access-key create`, scoped to the
+//! `bedrock-agentcore` service that both AgentCore models sign as, or Berth's own bearer
+//! token. A refusal is an [`AwsError`] with the code AWS itself uses, so botocore raises
+//! a `ClientError` whose `Error.Code` says what is wrong.
 
+use std::time::SystemTime;
+
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
 
-use super::AwsError;
+use super::{AwsError, ErrorShape};
+use crate::access_keys::AuthenticateError;
+use crate::sigv4::{self, ErrorKind};
 use crate::AppState;
+
+/// The signing name of both `bedrock-agentcore` and `bedrock-agentcore-control`.
+pub const SERVICES: &[&str] = &["bedrock-agentcore"];
+
+/// Largest body the verifier hashes: InvokeAgentRuntime payloads go up to 100 MB.
+pub const MAX_SIGNED_BODY: usize = 100_000_000 + 1024;
 
 /// Whether `Authorization: Bearer <token>` names a token this server issued.
 pub fn bearer_ok(state: &AppState, headers: &HeaderMap) -> bool {
@@ -27,15 +38,72 @@ pub fn bearer_ok(state: &AppState, headers: &HeaderMap) -> bool {
         .is_some_and(|t| state.tokens.contains(t.trim()))
 }
 
-/// Middleware: 401 `UnrecognizedClientException` unless the request is authenticated.
+fn has_bearer(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|h| h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer "))
+}
+
+/// Middleware: the request goes on only when a bearer token or a SigV4 signature
+/// authenticates it.
 pub async fn require_credentials(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
     if bearer_ok(&state, req.headers()) {
-        next.run(req).await
-    } else {
-        AwsError::unauthenticated().into_response()
+        return next.run(req).await;
     }
+    if has_bearer(req.headers()) {
+        return AwsError::unauthenticated().into_response();
+    }
+    let (parts, body) = req.into_parts();
+    // The payload hash is part of what the client signed and botocore sends no
+    // `x-amz-content-sha256`, so the body is read (bounded) and hashed here.
+    let body = match axum::body::to_bytes(body, MAX_SIGNED_BODY).await {
+        Ok(body) => body,
+        Err(_) => {
+            return AwsError::new(
+                ErrorShape::Validation,
+                format!("the request body is larger than {MAX_SIGNED_BODY} bytes"),
+            )
+            .into_response()
+        }
+    };
+    let payload_sha256 = hex::encode(Sha256::digest(&body));
+    let request = sigv4::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        authority: parts.uri.authority().map(|a| a.as_str()),
+        payload_sha256: &payload_sha256,
+    };
+    let verdict = state
+        .access_keys
+        .authenticate(&request, SERVICES, SystemTime::now())
+        .await;
+    match verdict {
+        Ok(_) => next.run(Request::from_parts(parts, Body::from(body))).await,
+        Err(AuthenticateError::Rejected(e)) => refusal(&e).into_response(),
+        Err(AuthenticateError::Lookup(e)) => {
+            tracing::error!(error = ?e, "cannot look up an access key");
+            AwsError::internal().into_response()
+        }
+    }
+}
+
+/// The AWS error for a refused signature (AWS's own codes and statuses).
+fn refusal(e: &sigv4::SigV4Error) -> AwsError {
+    let (status, code) = match e.kind() {
+        ErrorKind::Missing => (403, "MissingAuthenticationTokenException"),
+        ErrorKind::Malformed => (400, "IncompleteSignatureException"),
+        ErrorKind::UnknownAccessKey => (403, "UnrecognizedClientException"),
+        ErrorKind::InvalidScope
+        | ErrorKind::Expired
+        | ErrorKind::PayloadHashMismatch
+        | ErrorKind::SignatureMismatch => (403, "InvalidSignatureException"),
+    };
+    AwsError::new(ErrorShape::Other { status, code }, e.to_string())
 }

@@ -43,7 +43,8 @@ impl ErrorShape {
     pub fn status(self) -> StatusCode {
         let code = match self {
             ErrorShape::Validation => 400,
-            ErrorShape::UnrecognizedClient => 401,
+            // What AWS answers for credentials it does not know.
+            ErrorShape::UnrecognizedClient => 403,
             ErrorShape::AccessDenied => 403,
             ErrorShape::ResourceNotFound | ErrorShape::UnknownOperation => 404,
             ErrorShape::Conflict => 409,
@@ -177,7 +178,7 @@ impl AwsError {
     pub fn unauthenticated() -> Self {
         Self::new(
             ErrorShape::UnrecognizedClient,
-            "missing or invalid credentials",
+            "the bearer token is not one this server issued",
         )
     }
 
@@ -343,7 +344,7 @@ mod tests {
             (ErrorShape::AccessDenied, 403, "AccessDeniedException"),
             (
                 ErrorShape::UnrecognizedClient,
-                401,
+                403,
                 "UnrecognizedClientException",
             ),
         ] {
