@@ -5,20 +5,38 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use berth_api::{CommandEvent, CommandRequest};
-use common::{uniq, Server};
+use berth_api::{CommandEvent, CommandRequest, Isolation};
+use common::drivers::{runtime_with, session};
+use common::Server;
 use futures::StreamExt;
 use sha2::Digest;
 
-#[tokio::test]
-async fn binary_output_of_100_mib_arrives_intact() {
-    let Some(s) = Server::start("binary_output_of_100_mib_arrives_intact").await else {
-        return;
-    };
-    let rt = s
-        .runtime(&uniq("rt"), |r| r.workspace_size = 256 << 20)
+both!(commands_stream_output_exit_codes_and_env);
+async fn commands_stream_output_exit_codes_and_env(s: Server, isolation: Isolation) {
+    let rt = runtime_with(&s, isolation, |r| {
+        r.env
+            .insert("BERTH_TEST_ENV".into(), "from the runtime".into());
+    })
+    .await;
+    let session = s.session(&common::uniq("cmd"), &rt).await;
+    let o = s
+        .exec(
+            &session,
+            "echo out; echo err >&2; echo \"$BERTH_TEST_ENV\"; exit 7",
+        )
         .await;
-    let session = s.session(&uniq("blob"), &rt).await;
+    assert_eq!(o.out(), "out\nfrom the runtime\n", "{o:?}");
+    assert_eq!(o.err(), "err\n", "{o:?}");
+    assert_eq!(o.code, Some(7), "{o:?}");
+    let o = s.exec(&session, "kill -TERM $$").await;
+    assert_eq!(o.signal, Some(15), "{o:?}");
+    assert_eq!(o.code, None, "{o:?}");
+}
+
+both!(binary_output_of_100_mib_arrives_intact);
+async fn binary_output_of_100_mib_arrives_intact(s: Server, isolation: Isolation) {
+    let rt = runtime_with(&s, isolation, |r| r.workspace_size = 256 << 20).await;
+    let session = s.session(&common::uniq("blob"), &rt).await;
     let mut stream = s
         .client
         .run_command(
@@ -67,23 +85,23 @@ async fn binary_output_of_100_mib_arrives_intact() {
     );
 }
 
-#[tokio::test]
-async fn a_timeout_kills_the_whole_process_group() {
-    let Some(s) = Server::start("a_timeout_kills_the_whole_process_group").await else {
-        return;
-    };
-    let session = uniq("timeout");
+both!(a_timeout_kills_the_whole_process_group);
+async fn a_timeout_kills_the_whole_process_group(s: Server, isolation: Isolation) {
+    let session = session(&s, isolation, "timeout").await;
+    // What the command printed before the timeout arrives too.
     let o = s
         .exec_req(
             &session,
             CommandRequest {
-                command: Some("sleep 100 & sleep 100".into()),
+                command: Some("cat; sleep 100 & sleep 100".into()),
+                stdin: Some("piped".into()),
                 timeout_s: Some(1.0),
                 ..Default::default()
             },
         )
         .await;
     assert!(o.timed_out, "{o:?}");
+    assert_eq!(o.out(), "piped", "{o:?}");
     assert_eq!(o.code, None, "{o:?}");
     assert!(o.signal.is_some(), "killed by a signal: {o:?}");
     // The backgrounded sleep went with the group.
@@ -108,13 +126,9 @@ async fn a_timeout_kills_the_whole_process_group() {
     assert_eq!(o.out(), "quick\n");
 }
 
-#[tokio::test]
-async fn a_client_that_disconnects_kills_the_command() {
-    let Some(s) = Server::start("a_client_that_disconnects_kills_the_command").await else {
-        return;
-    };
-    let session = uniq("disconnect");
-    s.exec(&session, "true").await.ok();
+both!(a_client_that_disconnects_kills_the_command);
+async fn a_client_that_disconnects_kills_the_command(s: Server, isolation: Isolation) {
+    let session = session(&s, isolation, "disconnect").await;
     let mut stream = s
         .client
         .run_command(
@@ -183,13 +197,9 @@ async fn a_client_that_disconnects_kills_the_command() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-#[tokio::test]
-async fn a_slow_reader_gets_everything_and_stdin_cwd_env_work() {
-    let Some(s) = Server::start("a_slow_reader_gets_everything_and_stdin_cwd_env_work").await
-    else {
-        return;
-    };
-    let session = uniq("slow");
+both!(a_slow_reader_gets_everything_and_stdin_cwd_env_work);
+async fn a_slow_reader_gets_everything_and_stdin_cwd_env_work(s: Server, isolation: Isolation) {
+    let session = session(&s, isolation, "slow").await;
     let mut stream = s
         .client
         .run_command(
@@ -254,14 +264,9 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
-async fn server_memory_stays_bounded_when_a_client_reads_slowly() {
-    let Some(s) = Server::start("server_memory_stays_bounded_when_a_client_reads_slowly").await
-    else {
-        return;
-    };
-    let session = uniq("stall");
-    s.exec(&session, "true").await.ok();
+both!(server_memory_stays_bounded_when_a_client_reads_slowly);
+async fn server_memory_stays_bounded_when_a_client_reads_slowly(s: Server, isolation: Isolation) {
+    let session = session(&s, isolation, "stall").await;
     let pid = s.pid().expect("server pid");
     let before = rss_kib(pid);
     // An endless fast writer and a client that stops reading after the first event: if

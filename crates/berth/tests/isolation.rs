@@ -4,7 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use berth_api::CommandRequest;
+use berth_api::{CommandRequest, Isolation};
+use common::drivers::runtime;
 use common::{uniq, Output, Server};
 use futures::StreamExt;
 
@@ -80,13 +81,9 @@ c = socket.create_connection(("127.0.0.1", 5432), timeout=10)
 print(c.recv(100).decode().strip())
 '"#;
 
-#[tokio::test]
-async fn two_sessions_listen_on_the_same_port_at_the_same_time() {
-    let Some(s) = Server::start("two_sessions_listen_on_the_same_port_at_the_same_time").await
-    else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt"), |_| {}).await;
+both!(two_sessions_listen_on_the_same_port_at_the_same_time);
+async fn two_sessions_listen_on_the_same_port_at_the_same_time(s: Server, isolation: Isolation) {
+    let rt = runtime(&s, isolation).await;
     let a = s.session(&uniq("port-a"), &rt).await;
     let b = s.session(&uniq("port-b"), &rt).await;
     let la = start_until(&s, &a, &format!("{LISTENER} answer-from-A"), "listening").await;
@@ -105,13 +102,9 @@ async fn two_sessions_listen_on_the_same_port_at_the_same_time() {
     let _ = lb.await;
 }
 
-#[tokio::test]
-async fn a_session_sees_neither_processes_nor_files_of_another() {
-    let Some(s) = Server::start("a_session_sees_neither_processes_nor_files_of_another").await
-    else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt"), |_| {}).await;
+both!(a_session_sees_neither_processes_nor_files_of_another);
+async fn a_session_sees_neither_processes_nor_files_of_another(s: Server, isolation: Isolation) {
+    let rt = runtime(&s, isolation).await;
     let a = s.session(&uniq("see-a"), &rt).await;
     let b = s.session(&uniq("see-b"), &rt).await;
     let marker = uniq("marker");
@@ -143,7 +136,12 @@ async fn a_session_sees_neither_processes_nor_files_of_another() {
         "A sees B's process in /proc:\n{procs}"
     );
     // A's pid namespace holds only A's processes: the guest (pid 1) and this command.
-    let pids = s.exec(&a, "ls -d /proc/[0-9]* | wc -l").await.ok().out();
+    // A microVM's kernel has its own threads (kthreadd, pid 2, and its children) too.
+    let count = match isolation {
+        Isolation::Microvm => "ps --deselect -p 2 --ppid 2 -o pid= | wc -l",
+        _ => "ls -d /proc/[0-9]* | wc -l",
+    };
+    let pids = s.exec(&a, count).await.ok().out();
     assert!(
         pids.trim().parse::<u32>().expect("count") < 10,
         "A sees {pids} pids"
@@ -188,11 +186,8 @@ impl Drop for HostDir {
     }
 }
 
-#[tokio::test]
-async fn host_root_home_data_dir_and_shadow_are_invisible() {
-    let Some(s) = Server::start("host_root_home_data_dir_and_shadow_are_invisible").await else {
-        return;
-    };
+both!(host_root_home_data_dir_and_shadow_are_invisible);
+async fn host_root_home_data_dir_and_shadow_are_invisible(s: Server, _: Isolation) {
     let name = uniq("berth-it-host");
     let root_dir = HostDir(std::path::Path::new("/root").join(&name));
     let home_dir = HostDir(std::path::Path::new("/home").join(&name));
@@ -307,11 +302,8 @@ fn host_ips() -> Vec<String> {
     ips
 }
 
-#[tokio::test]
-async fn the_sandbox_cannot_reach_the_berth_api() {
-    let Some(s) = Server::start("the_sandbox_cannot_reach_the_berth_api").await else {
-        return;
-    };
+both!(the_sandbox_cannot_reach_the_berth_api);
+async fn the_sandbox_cannot_reach_the_berth_api(s: Server, _: Isolation) {
     // A listener on every host address, to show that no host port is reachable at all.
     let any = tokio::net::TcpListener::bind("0.0.0.0:0")
         .await
@@ -366,13 +358,13 @@ async fn the_sandbox_cannot_reach_the_berth_api() {
     accepted.abort();
 }
 
-#[tokio::test]
-async fn two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id() {
-    let test = "two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id";
-    let Some(s1) = Server::start(test).await else {
-        return;
-    };
-    let Some(s2) = Server::start(test).await else {
+both!(two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id);
+async fn two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id(
+    s1: Server,
+    isolation: Isolation,
+) {
+    let test = "two_servers_on_one_host_do_not_share_sandboxes_of_the_same_session_id (2)";
+    let Some(s2) = common::drivers::server(test, isolation).await else {
         return;
     };
     // Session ids are client-chosen, so two servers can hold the same one.

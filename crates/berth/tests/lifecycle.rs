@@ -2,17 +2,14 @@
 
 mod common;
 
-use berth_api::{CommandRequest, SessionState};
+use berth_api::{CommandRequest, Isolation, SessionState};
+use common::drivers::{runtime, runtime_with};
 use common::{uniq, Server};
 use futures::StreamExt;
 
-#[tokio::test]
-async fn workspace_survives_stop_and_resume_and_the_rest_is_fresh() {
-    let Some(s) = Server::start("workspace_survives_stop_and_resume_and_the_rest_is_fresh").await
-    else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt"), |_| {}).await;
+both!(workspace_survives_stop_and_resume_and_the_rest_is_fresh);
+async fn workspace_survives_stop_and_resume_and_the_rest_is_fresh(s: Server, isolation: Isolation) {
+    let rt = runtime(&s, isolation).await;
     let session = s.session(&uniq("resume"), &rt).await;
     s.exec(
         &session,
@@ -44,14 +41,12 @@ async fn workspace_survives_stop_and_resume_and_the_rest_is_fresh() {
     assert!(out.contains("/mnt/workspace/d/data"));
 }
 
-#[tokio::test]
-async fn idle_timeout_stops_the_sandbox_and_the_next_command_resumes() {
-    let Some(s) =
-        Server::start("idle_timeout_stops_the_sandbox_and_the_next_command_resumes").await
-    else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt-idle"), |r| r.idle_timeout_s = 2).await;
+both!(idle_timeout_stops_the_sandbox_and_the_next_command_resumes);
+async fn idle_timeout_stops_the_sandbox_and_the_next_command_resumes(
+    s: Server,
+    isolation: Isolation,
+) {
+    let rt = runtime_with(&s, isolation, |r| r.idle_timeout_s = 2).await;
     let session = s.session(&uniq("idle"), &rt).await;
     s.exec(
         &session,
@@ -107,12 +102,9 @@ async fn idle_timeout_stops_the_sandbox_and_the_next_command_resumes() {
     assert_eq!(st.state, SessionState::Running);
 }
 
-#[tokio::test]
-async fn a_running_command_keeps_the_session_from_idling_out() {
-    let Some(s) = Server::start("a_running_command_keeps_the_session_from_idling_out").await else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt-idle"), |r| r.idle_timeout_s = 1).await;
+both!(a_running_command_keeps_the_session_from_idling_out);
+async fn a_running_command_keeps_the_session_from_idling_out(s: Server, isolation: Isolation) {
+    let rt = runtime_with(&s, isolation, |r| r.idle_timeout_s = 1).await;
     let session = s.session(&uniq("busy"), &rt).await;
     // Runs for several idle timeouts, printing now and then.
     let o = s
@@ -122,12 +114,9 @@ async fn a_running_command_keeps_the_session_from_idling_out() {
     assert_eq!(o.out(), "tick\ntick\ntick\ntick\n");
 }
 
-#[tokio::test]
-async fn data_and_session_survive_a_server_sigkill() {
-    let Some(mut s) = Server::start("data_and_session_survive_a_server_sigkill").await else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt"), |_| {}).await;
+both!(data_and_session_survive_a_server_sigkill);
+async fn data_and_session_survive_a_server_sigkill(mut s: Server, isolation: Isolation) {
+    let rt = runtime(&s, isolation).await;
     let session = s.session(&uniq("durable"), &rt).await;
     let other = s.session(&uniq("stopped"), &rt).await;
     s.exec(&other, "echo stopped-data > /mnt/workspace/f")
@@ -154,6 +143,12 @@ async fn data_and_session_survive_a_server_sigkill() {
     assert_eq!(st.runtime, rt);
     let o = s.exec(&session, "sha256sum /mnt/workspace/blob").await.ok();
     assert_eq!(o.out(), sum, "workspace content after SIGKILL");
+    // The sandbox lived on without its server, and the next server adopted it.
+    assert!(
+        s.log_text().contains("adopted running sandbox"),
+        "the restarted server re-adopted the sandbox:\n{}",
+        s.log_text()
+    );
     let o = s.exec(&other, "cat /mnt/workspace/f").await.ok();
     assert_eq!(o.out(), "stopped-data\n");
     let ids: Vec<String> = s
@@ -181,12 +176,8 @@ async fn data_and_session_survive_a_server_sigkill() {
     );
 }
 
-#[tokio::test]
-async fn sigkill_while_commands_run_then_restart_reconciles() {
-    let Some(mut s) = Server::start("sigkill_while_commands_run_then_restart_reconciles").await
-    else {
-        return;
-    };
+both!(sigkill_while_commands_run_then_restart_reconciles);
+async fn sigkill_while_commands_run_then_restart_reconciles(mut s: Server, _: Isolation) {
     let session = uniq("midflight");
     s.exec(&session, "echo before > /mnt/workspace/before")
         .await
@@ -216,14 +207,12 @@ async fn sigkill_while_commands_run_then_restart_reconciles() {
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
-#[tokio::test]
-async fn nothing_leaks_after_session_delete_and_after_server_stop() {
-    let Some(mut s) =
-        Server::start("nothing_leaks_after_session_delete_and_after_server_stop").await
-    else {
-        return;
-    };
-    let rt = s.runtime(&uniq("rt"), |_| {}).await;
+both!(nothing_leaks_after_session_delete_and_after_server_stop);
+async fn nothing_leaks_after_session_delete_and_after_server_stop(
+    mut s: Server,
+    isolation: Isolation,
+) {
+    let rt = runtime(&s, isolation).await;
     let gone = s.session(&uniq("gone"), &rt).await;
     let kept = s.session(&uniq("kept"), &rt).await;
     for id in [&gone, &kept] {
@@ -235,19 +224,28 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
         .await
         .ok();
     }
-    // Test the test: while running, the checks do see the sandbox.
+    // Test the test: while running, the checks do see the sandbox: its cgroup and
+    // processes, and for a namespace sandbox its mounts and loop device (a microVM
+    // opens its workspace image itself: the host mounts nothing).
     let live = s.leftovers(Some(&gone));
     assert!(
-        live.iter().any(|l| l.starts_with("mount")) && live.iter().any(|l| l.starts_with("cgroup")),
-        "leak detector sees nothing of a running session: {live:#?}"
-    );
-    assert!(
-        live.iter().any(|l| l.starts_with("loop")),
-        "no loop device seen: {live:#?}"
+        live.iter().any(|l| l.starts_with("cgroup")),
+        "no cgroup seen: {live:#?}"
     );
     assert!(
         live.iter().any(|l| l.starts_with("process")),
         "no process seen: {live:#?}"
+    );
+    let host_mounts = isolation == Isolation::Namespace;
+    assert_eq!(
+        live.iter().any(|l| l.starts_with("mount")),
+        host_mounts,
+        "mounts seen: {live:#?}"
+    );
+    assert_eq!(
+        live.iter().any(|l| l.starts_with("loop")),
+        host_mounts,
+        "loop devices seen: {live:#?}"
     );
 
     s.cli_ok(&["session", "delete", &gone]).await;
@@ -295,12 +293,8 @@ async fn nothing_leaks_after_session_delete_and_after_server_stop() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_stops_the_server_while_a_command_streams() {
-    let Some(mut s) = Server::start("sigterm_stops_the_server_while_a_command_streams").await
-    else {
-        return;
-    };
+both!(sigterm_stops_the_server_while_a_command_streams);
+async fn sigterm_stops_the_server_while_a_command_streams(mut s: Server, _: Isolation) {
     let session = uniq("streaming");
     let mut st = s
         .client
@@ -326,54 +320,56 @@ async fn sigterm_stops_the_server_while_a_command_streams() {
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
 
-#[tokio::test]
-async fn a_sandbox_that_dies_is_noticed_and_the_next_command_resumes() {
-    let Some(s) =
-        Server::start("a_sandbox_that_dies_is_noticed_and_the_next_command_resumes").await
-    else {
-        return;
-    };
+both!(a_sandbox_that_dies_is_noticed_and_the_next_command_resumes);
+async fn a_sandbox_that_dies_is_noticed_and_the_next_command_resumes(
+    s: Server,
+    isolation: Isolation,
+) {
     let session = uniq("dies");
-    s.exec(&session, "echo survived > /mnt/workspace/f")
+    // Synced: a killed microVM takes its guest's page cache with it.
+    s.exec(&session, "echo survived > /mnt/workspace/f && sync")
         .await
         .ok();
-    // Kill every process of the sandbox (the guest included) from the host.
+    // Kill every process of the sandbox from the host: the guest and its commands, or
+    // the microVM's VMM.
     let cg = common::cgroups_named(&session)
         .into_iter()
         .find(|c| c.join("cgroup.procs").exists())
         .expect("session cgroup");
     let procs = std::fs::read_to_string(cg.join("cgroup.procs")).expect("procs");
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+    let killed: Vec<i32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(!killed.is_empty(), "no process in {}", cg.display());
+    for pid in &killed {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
+            nix::unistd::Pid::from_raw(*pid),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    // The server notices (session stops with sandbox_exited) or at least the next
-    // command resumes the session in a fresh sandbox with its workspace.
-    let o = common::poll("a command to run again after the sandbox died", || async {
-        let stream = s
-            .client
-            .run_command(
-                &session,
-                &CommandRequest {
-                    command: Some("cat /mnt/workspace/f".into()),
-                    ..Default::default()
-                },
-            )
-            .await;
-        match stream {
-            Ok(st) => {
-                let o = common::collect(st).await;
-                (o.code == Some(0)).then_some(Ok(o))
-            }
-            Err(e) => {
-                eprintln!("command after the sandbox died: {e:?}");
-                None::<Result<common::Output, ()>>
-            }
-        }
+    // The server notices and says why.
+    let st = common::poll("the dead sandbox to be noticed", || async {
+        let st = s.client.get_session(&session).await.expect("get");
+        (st.state == SessionState::Stopped).then_some(st)
     })
-    .await
-    .expect("ok");
+    .await;
+    let reason = match isolation {
+        Isolation::Microvm => "vmm_exited",
+        _ => "sandbox_exited",
+    };
+    assert_eq!(st.stop_reason.as_deref(), Some(reason), "{st:?}");
+    // The next command resumes the session in a fresh sandbox with its workspace.
+    let o = s.exec(&session, "cat /mnt/workspace/f").await.ok();
     assert_eq!(o.out(), "survived\n");
+    if isolation == Isolation::Microvm {
+        // The VMM is the server's own child, so the server reaps it. (A namespace
+        // sandbox's init is orphaned when its helper exits: the host's init reaps it.)
+        for pid in &killed {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "the killed VMM {pid} was reaped"
+            );
+        }
+    }
 }

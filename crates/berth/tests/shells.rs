@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use berth_api::shell::{channel, ShellInfo};
-use berth_api::SessionState;
+use berth_api::{Isolation, SessionState};
+use common::drivers::runtime_with;
 use common::{uniq, Server, DEADLINE};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -300,12 +301,8 @@ fn numbered(text: &str, prefix: &str) -> Vec<u32> {
         .collect()
 }
 
-#[tokio::test]
-async fn typing_resize_heartbeat_several_clients_and_watchers() {
-    let Some(s) = Server::start("typing_resize_heartbeat_several_clients_and_watchers").await
-    else {
-        return;
-    };
+both!(typing_resize_heartbeat_several_clients_and_watchers);
+async fn typing_resize_heartbeat_several_clients_and_watchers(s: Server, _: Isolation) {
     let session = uniq("sh");
     // The session is created on first use.
     let info = open_ok(
@@ -382,12 +379,8 @@ async fn typing_resize_heartbeat_several_clients_and_watchers() {
     a.until_output("still2").await;
 }
 
-#[tokio::test]
-async fn reattach_with_the_offset_loses_and_duplicates_nothing() {
-    let Some(s) = Server::start("reattach_with_the_offset_loses_and_duplicates_nothing").await
-    else {
-        return;
-    };
+both!(reattach_with_the_offset_loses_and_duplicates_nothing);
+async fn reattach_with_the_offset_loses_and_duplicates_nothing(s: Server, _: Isolation) {
     let session = uniq("sh-re");
     open_ok(&s, &session, json!({"shell_id": "counter"})).await;
     let mut t = attach(&s, &session, "counter", "").await;
@@ -428,6 +421,22 @@ async fn reattach_with_the_offset_loses_and_duplicates_nothing() {
     assert!(reattaches > 0, "the loop ended before any reattach");
 }
 
+both!(shells_survive_detach_and_redraw_on_reattach);
+async fn shells_survive_detach_and_redraw_on_reattach(s: Server, _: Isolation) {
+    let session = uniq("sh-redraw");
+    open_ok(&s, &session, json!({"shell_id": "main"})).await;
+    let mut t = attach(&s, &session, "main", "").await;
+    t.type_("echo $((6*7))-marker\r").await;
+    t.until_output("42-marker").await;
+    drop(t);
+    // Reattached without an offset, the screen is redrawn from the guest's terminal
+    // model: the snapshot shows what was there.
+    let t = attach(&s, &session, "main", "").await;
+    let screen = String::from_utf8_lossy(&t.out[..t.snapshot_bytes()]);
+    assert!(screen.contains("42-marker"), "{screen:?}");
+}
+
+// Namespace only: the attach protocol's parsing and status frames are the server's, the same for every driver.
 #[tokio::test]
 async fn exit_status_malformed_frames_and_missing_shells() {
     let Some(s) = Server::start("exit_status_malformed_frames_and_missing_shells").await else {
@@ -581,6 +590,7 @@ async fn exit_status_malformed_frames_and_missing_shells() {
     );
 }
 
+// Namespace only: REST validation, the shell cap and the recording format are the server's, the same for every driver.
 #[tokio::test]
 async fn rest_routes_cap_list_delete_and_recording() {
     let Some(s) = Server::start("rest_routes_cap_list_delete_and_recording").await else {
@@ -732,15 +742,9 @@ async fn rest_routes_cap_list_delete_and_recording() {
     }
 }
 
-#[tokio::test]
-async fn an_attached_client_keeps_the_session_from_idling_out() {
-    let Some(s) = Server::start("an_attached_client_keeps_the_session_from_idling_out").await
-    else {
-        return;
-    };
-    let rt = s
-        .runtime(&uniq("rt-sh-idle"), |r| r.idle_timeout_s = 2)
-        .await;
+both!(an_attached_client_keeps_the_session_from_idling_out);
+async fn an_attached_client_keeps_the_session_from_idling_out(s: Server, isolation: Isolation) {
+    let rt = runtime_with(&s, isolation, |r| r.idle_timeout_s = 2).await;
     let session = s.session(&uniq("sh-idle"), &rt).await;
     open_ok(&s, &session, json!({"shell_id": "idle"})).await;
     let t = attach(&s, &session, "idle", "").await;
@@ -762,14 +766,9 @@ async fn an_attached_client_keeps_the_session_from_idling_out() {
     assert!(list(&s, &session).await.is_empty());
 }
 
-#[tokio::test]
-async fn the_recorder_does_not_keep_the_session_busy() {
-    let Some(s) = Server::start("the_recorder_does_not_keep_the_session_busy").await else {
-        return;
-    };
-    let rt = s
-        .runtime(&uniq("rt-rec-idle"), |r| r.idle_timeout_s = 2)
-        .await;
+both!(the_recorder_does_not_keep_the_session_busy);
+async fn the_recorder_does_not_keep_the_session_busy(s: Server, isolation: Isolation) {
+    let rt = runtime_with(&s, isolation, |r| r.idle_timeout_s = 2).await;
     let session = s.session(&uniq("rec-idle"), &rt).await;
     // A shell that keeps printing, with no client: only its recorder is attached.
     open_ok(
@@ -794,6 +793,7 @@ async fn the_recorder_does_not_keep_the_session_busy() {
     assert_eq!(ticks, (1..=ticks.len() as u32).collect::<Vec<_>>());
 }
 
+// Namespace only: under TCG a guest's terminal passes ~80 KB/s, and this floods 40 MB.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from() {
     let Some(s) =
@@ -866,13 +866,8 @@ async fn a_client_that_stops_reading_is_dropped_with_the_offset_to_resume_from()
     }
 }
 
-#[tokio::test]
-async fn stopping_the_session_ends_its_shells_and_closes_attached_clients() {
-    let Some(s) =
-        Server::start("stopping_the_session_ends_its_shells_and_closes_attached_clients").await
-    else {
-        return;
-    };
+both!(stopping_the_session_ends_its_shells_and_closes_attached_clients);
+async fn stopping_the_session_ends_its_shells_and_closes_attached_clients(s: Server, _: Isolation) {
     let session = uniq("sh-stop");
     open_ok(&s, &session, json!({"shell_id": "main"})).await;
     let mut t = attach(&s, &session, "main", "").await;
@@ -905,13 +900,8 @@ async fn stopping_the_session_ends_its_shells_and_closes_attached_clients() {
     t.until_output("back2").await;
 }
 
-#[tokio::test]
-async fn recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them() {
-    let Some(s) =
-        Server::start("recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them").await
-    else {
-        return;
-    };
+both!(recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them);
+async fn recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them(s: Server, _: Isolation) {
     let session = uniq("rec-stop");
     open_ok(&s, &session, json!({"shell_id": "main"})).await;
     let mut t = attach(&s, &session, "main", "").await;
@@ -1016,14 +1006,11 @@ async fn recordings_outlive_the_sandbox_and_the_agent_cannot_reach_them() {
     assert_eq!(status, 404);
 }
 
-#[tokio::test]
-async fn a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication() {
-    let Some(mut s) =
-        Server::start("a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication")
-            .await
-    else {
-        return;
-    };
+both!(a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication);
+async fn a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication(
+    mut s: Server,
+    _: Isolation,
+) {
     let session = uniq("rec-kill");
     open_ok(&s, &session, json!({"shell_id": "num"})).await;
     let mut t = attach(&s, &session, "num", "").await;
@@ -1063,6 +1050,7 @@ async fn a_recording_goes_on_after_a_server_sigkill_without_loss_or_duplication(
     );
 }
 
+// Namespace only: the host triggers the flood through the sandbox's /run/berth, a host directory only there.
 #[tokio::test]
 async fn output_lost_while_the_server_was_down_is_marked_in_the_recording() {
     let Some(mut s) =
