@@ -248,7 +248,8 @@ impl Core {
             if self.driver().is_alive(id).await {
                 return Ok((slot.clone(), l.sandbox.clone(), l.runtime.clone()));
             }
-            self.stop_locked(id, &mut live, "sandbox_exited").await?;
+            let reason = self.driver().exit_reason(id).await;
+            self.stop_locked(id, &mut live, reason).await?;
         }
         let mut rec = self.record(id).await?;
         let runtime = self

@@ -7,7 +7,7 @@
 mod common;
 
 use berth_api::{Isolation, SessionState};
-use common::drivers::{runtime, runtime_with, server};
+use common::drivers::{runtime, server};
 use common::{uniq, Server};
 
 both!(files_copy_in_and_out);
@@ -85,35 +85,6 @@ async fn microvm_guest_runs_its_own_kernel_and_sees_no_host_devices() {
     }
 }
 
-/// A memory hog in a microVM of a size that boots: keeps this covered while the
-/// microVM run of `limits.rs`'s 64 MiB hog is ignored (see there); remove it then.
-#[tokio::test]
-async fn microvm_a_memory_hog_fails_and_the_session_is_metered() {
-    let test = "microvm_a_memory_hog_fails_and_the_session_is_metered";
-    let Some(s) = server(test, Isolation::Microvm).await else {
-        return;
-    };
-    let rt = runtime_with(&s, Isolation::Microvm, |r| r.memory = 256 << 20).await;
-    let session = s.session(&uniq("limits"), &rt).await;
-    // A memory hog dies; the session keeps answering.
-    let o = s
-        .exec(
-            &session,
-            "python3 -c 'b = bytearray(1 << 30); print(len(b))'",
-        )
-        .await;
-    assert!(
-        o.code != Some(0) || o.signal.is_some(),
-        "a 1 GiB allocation in 256 MiB must fail: {o:?}"
-    );
-    let o = s.exec(&session, "echo alive").await.ok();
-    assert_eq!(o.out(), "alive\n");
-    s.cli_ok(&["session", "stop", &session]).await;
-    let st = s.client.get_session(&session).await.unwrap();
-    assert!(st.usage.cpu_seconds > 0.0, "{:?}", st.usage);
-    assert!(st.usage.peak_memory_bytes > 0, "{:?}", st.usage);
-}
-
 #[tokio::test]
 async fn microvm_without_an_image_is_a_clear_400() {
     let test = "microvm_without_an_image_is_a_clear_400";
@@ -135,6 +106,30 @@ async fn microvm_without_an_image_is_a_clear_400() {
         msg.contains("berth image build"),
         "the error says what to do: {body}"
     );
+}
+
+/// A guest kernel cannot boot in too little RAM: such a runtime is refused up front
+/// instead of failing every session start.
+#[tokio::test]
+async fn microvm_a_runtime_too_small_to_boot_is_a_400_naming_memory() {
+    let test = "microvm_a_runtime_too_small_to_boot_is_a_400_naming_memory";
+    let Some(s) = server(test, Isolation::Microvm).await else {
+        return;
+    };
+    let mut spec = berth_api::RuntimeSpec::named(uniq("rt"));
+    spec.isolation = Isolation::Microvm;
+    spec.memory = 128 << 20;
+    let r = s
+        .http(reqwest::Method::POST, "/v1/runtimes")
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "memory", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("256 MiB"), "{body}");
 }
 
 #[tokio::test]
@@ -162,4 +157,66 @@ async fn microvm_a_guest_kernel_panic_stops_the_session_with_its_reason() {
     );
     let o = s.exec(&session, "cat /mnt/workspace/kept").await.ok();
     assert_eq!(o.out(), "kept\n", "the workspace survives the panic");
+}
+
+/// `auto` isolation (a runtime that names none) follows the host: a microVM only where
+/// KVM really boots the guest — what `berth server --info` reports — and
+/// `--default-isolation microvm` pins microVMs even under TCG.
+#[tokio::test]
+async fn auto_isolation_follows_the_kvm_probe_and_a_pinned_default() {
+    let test = "auto_isolation_follows_the_kvm_probe_and_a_pinned_default";
+    if common::skip_unless_root(test) {
+        return;
+    }
+    if !common::drivers::qemu_available() {
+        eprintln!("skipping {test}: qemu-system-x86_64 is not installed");
+        return;
+    }
+    tokio::task::spawn_blocking(common::drivers::ensure_image)
+        .await
+        .unwrap();
+    let images = common::drivers::images_dir().display().to_string();
+    let info_dir = tempfile::tempdir().unwrap();
+    let info = std::process::Command::new(common::BERTH)
+        .args(["server", "--info", "--guest-images", &images, "--data-dir"])
+        .arg(info_dir.path())
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    let auto_is_microvm = if info.contains("isolation auto: microvm") {
+        true
+    } else {
+        assert!(info.contains("isolation auto: namespace"), "{info}");
+        false
+    };
+    let host = nix::sys::utsname::uname().unwrap();
+    let host = host.release().to_string_lossy().into_owned();
+
+    for (flags, want_microvm) in [
+        (vec!["--guest-images", images.as_str()], auto_is_microvm),
+        (
+            vec![
+                "--guest-images",
+                images.as_str(),
+                "--default-isolation",
+                "microvm",
+            ],
+            true,
+        ),
+    ] {
+        let Some(s) = Server::start_with(test, &flags).await else {
+            return;
+        };
+        let rt = s.runtime(&uniq("rt"), |r| r.memory = 512 << 20).await;
+        let stored = s.client.get_runtime(&rt).await.unwrap();
+        assert_eq!(stored.spec.isolation, Isolation::Auto);
+        let session = s.session(&uniq("auto"), &rt).await;
+        let o = s.exec(&session, "uname -r").await.ok();
+        assert_eq!(
+            o.out().trim() != host,
+            want_microvm,
+            "server flags {flags:?}: guest kernel {:?}, host {host:?}, --info said:\n{info}",
+            o.out()
+        );
+    }
 }

@@ -31,6 +31,11 @@ use crate::volume;
 const VMM_OVERHEAD: u64 = 256 << 20;
 /// Bound on threads of one VMM (vCPUs, I/O workers): a guest cannot fork on the host.
 const VMM_PIDS: u64 = 256;
+/// Smallest guest RAM accepted: below about 224 MiB the guest kernel cannot unpack a
+/// debug build's 70 MiB initramfs (it panics "deadlocked on memory" or fails to write
+/// the initramfs), so runtimes asking for less are refused up front.
+pub const MIN_MEMORY: u64 = 256 << 20;
+
 /// How long the KVM probe may take to boot the guest (KVM boots in well under a second).
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
 /// Pause between a failed guest connection and the next: longer than the guest takes
@@ -337,7 +342,7 @@ impl MicroVmDriver {
             channel: paths.channel.clone(),
             console_log: paths.console(),
             vcpus,
-            memory_mib: (rt.memory >> 20).max(128),
+            memory_mib: (rt.memory >> 20).max(MIN_MEMORY >> 20),
             accel,
         })
     }
@@ -492,6 +497,16 @@ impl MicroVmDriver {
             return Err(DriverError::InvalidRuntime {
                 field: "workspace_path",
                 message: "a microVM workspace path cannot contain '\"' or '\\'".into(),
+            });
+        }
+        if runtime.memory < MIN_MEMORY {
+            return Err(DriverError::InvalidRuntime {
+                field: "memory",
+                message: format!(
+                    "a microVM needs at least {} MiB (its kernel unpacks the guest's \
+                     initramfs into RAM before init runs)",
+                    MIN_MEMORY >> 20
+                ),
             });
         }
         if !runtime.mounts.is_empty() {

@@ -58,7 +58,7 @@ where
 }
 
 /// Where the shared guest image lives (`<dir>/images/host/`).
-fn images_dir() -> PathBuf {
+pub fn images_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("berth-guest-images")
 }
 
@@ -71,7 +71,7 @@ pub fn qemu_available() -> bool {
 
 /// Build (or find cached) the `host` guest image. Concurrent tests wait on the build's
 /// own lock; later calls are cache hits.
-fn ensure_image() {
+pub fn ensure_image() {
     let out = std::process::Command::new(BERTH)
         .args(["image", "build", "--from", "host", "--data-dir"])
         .arg(images_dir())
