@@ -145,6 +145,9 @@ def berth():
     if not os.path.exists(BERTH):
         pytest.fail(f"no berth binary at {BERTH}; build it (cargo build -p berth) or set BERTH_BIN")
     root = Path(tempfile.mkdtemp(prefix="berth-pytest-"))
+    # mkdtemp makes it 0700, which the sandboxes' mapped users cannot traverse to reach
+    # their root filesystems under the data dir: every session would fail to start.
+    root.chmod(0o755)
     server = Berth(root)
     try:
         yield server

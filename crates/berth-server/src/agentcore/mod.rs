@@ -10,6 +10,7 @@
 
 pub mod artifacts;
 pub mod auth;
+mod data;
 mod endpoints;
 mod error;
 mod idempotency;
@@ -154,6 +155,8 @@ struct Inner {
     /// Serializes the mutating operations, so that clientToken checks, name checks and
     /// version numbering never interleave.
     writes: tokio::sync::Mutex<()>,
+    /// The data plane's in-memory state.
+    data: data::DataState,
 }
 
 impl AgentCore {
@@ -184,6 +187,7 @@ impl AgentCore {
                 base_image,
                 limits: artifacts::Limits::default(),
                 writes: tokio::sync::Mutex::new(()),
+                data: data::DataState::default(),
             }),
         };
         ac.recover().await.map_err(AgentCoreError::Recover)?;
@@ -440,6 +444,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(endpoints::delete)
                 .fallback(unknown_operation),
         )
+        .merge(data::routes())
         .fallback(unknown_operation);
     Router::new()
         .route("/runtimes", any(unknown_operation))

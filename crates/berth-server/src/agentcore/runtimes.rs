@@ -332,7 +332,9 @@ impl AgentCore {
             }
             self.remove_native(id, n).await?;
             store.delete_version(id, n).await?;
-            artifacts::remove_all(&artifacts::code_dir(&self.config().data_dir, id, n));
+            let code = artifacts::code_dir(&self.config().data_dir, id, n);
+            artifacts::remove_all(&code);
+            artifacts::remove_all(&super::data::agent::code_tar_path(&code));
         } else {
             for v in store.list_versions(id).await? {
                 self.remove_native(id, v.version).await?;

@@ -716,3 +716,159 @@ async fn a_restart_fails_versions_it_interrupted() {
     assert_eq!(r.body["agentRuntimeVersion"], "3");
     assert_eq!(app.settled(&id, "3").await["status"], "READY");
 }
+
+/// The data plane's checks that come before any sandbox (this driver starts none):
+/// addressing, session ids, bodies, unknown runtimes and sessions; the session id
+/// header on every answer. The real-sandbox tests are in
+/// `crates/berth/tests/agentcore_data.rs`.
+#[tokio::test]
+async fn data_plane_errors_before_any_sandbox() {
+    let app = app().await;
+    let id = app.create("dp", json!({})).await;
+    assert_eq!(app.settled(&id, "1").await["status"], "READY");
+    let arn = format!("arn:aws:bedrock-agentcore:us-east-1:000000000000:runtime/{id}");
+    let enc = |s: &str| s.replace(':', "%3A").replace('/', "%2F");
+    let sid = "0123456789abcdef0123456789abcdef-sid";
+    let send = |method: &'static str, uri: String, sid: Option<&'static str>, body: Value| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json");
+        if let Some(sid) = sid {
+            req = req.header("x-amzn-bedrock-agentcore-runtime-session-id", sid);
+        }
+        let router = app.router.clone();
+        async move {
+            let resp = router
+                .oneshot(req.body(Body::from(body.to_string())).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let code = headers
+                .get("x-amzn-errortype")
+                .map(|v| v.to_str().unwrap().to_string());
+            let echoed = headers
+                .get("x-amzn-bedrock-agentcore-runtime-session-id")
+                .map(|v| v.to_str().unwrap().to_string());
+            (
+                status,
+                code,
+                echoed,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )
+        }
+    };
+    let path = |op: &str| format!("/runtimes/{}/{op}", enc(&arn));
+    let err = |status: u16, code: &str| (status, Some(code.to_string()));
+
+    // Unknown runtime, other region, bare id without accountId, unknown endpoint.
+    let unknown = arn.replace(&id, "nope-AbCdE12345");
+    let r = send(
+        "POST",
+        format!("/runtimes/{}/invocations", enc(&unknown)),
+        Some(sid),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (r.0, r.1.clone()),
+        err(404, "ResourceNotFoundException"),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.2.as_deref(),
+        Some(sid),
+        "the session id comes back on errors too"
+    );
+    let other = arn.replace("us-east-1", "eu-west-1");
+    let r = send(
+        "POST",
+        format!("/runtimes/{}/invocations", enc(&other)),
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (r.0, r.1.clone()),
+        err(404, "ResourceNotFoundException"),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.2.map(|s| s.len()),
+        Some(36),
+        "a generated session id comes back"
+    );
+    let r = send(
+        "POST",
+        format!("/runtimes/{id}/invocations"),
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!((r.0, r.1.clone()), err(400, "ValidationException"), "{r:?}");
+    let r = send(
+        "POST",
+        format!("{}?qualifier=nope", path("invocations")),
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (r.0, r.1.clone()),
+        err(404, "ResourceNotFoundException"),
+        "{r:?}"
+    );
+    let r = send("POST", path("invocations"), Some("short"), json!({})).await;
+    assert_eq!((r.0, r.1.clone()), err(400, "ValidationException"), "{r:?}");
+
+    // Commands: the body is checked first.
+    let r = send("POST", path("commands"), Some(sid), json!({"command": ""})).await;
+    assert_eq!((r.0, r.1.clone()), err(400, "ValidationException"), "{r:?}");
+    let r = send(
+        "POST",
+        path("commands"),
+        Some(sid),
+        json!({"command": "ls", "timeout": 0}),
+    )
+    .await;
+    assert_eq!((r.0, r.1.clone()), err(400, "ValidationException"), "{r:?}");
+
+    // StopRuntimeSession: the header is required; a session never used is unknown.
+    let r = send("POST", path("stopruntimesession"), None, json!({})).await;
+    assert_eq!((r.0, r.1.clone()), err(400, "ValidationException"), "{r:?}");
+    let r = send(
+        "POST",
+        path("stopruntimesession"),
+        Some(sid),
+        json!({"clientToken": token(1)}),
+    )
+    .await;
+    assert_eq!(
+        (r.0, r.1.clone()),
+        err(404, "ResourceNotFoundException"),
+        "{r:?}"
+    );
+    let r = send(
+        "POST",
+        format!("/runtimes/{}/stopruntimesession", enc(&unknown)),
+        Some(sid),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (r.0, r.1.clone()),
+        err(404, "ResourceNotFoundException"),
+        "{r:?}"
+    );
+
+    // Other methods on data-plane paths are unknown operations.
+    let r = send("GET", path("invocations"), None, json!({})).await;
+    assert_eq!(
+        (r.0, r.1.clone()),
+        err(404, "UnknownOperationException"),
+        "{r:?}"
+    );
+}
