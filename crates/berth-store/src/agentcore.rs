@@ -47,6 +47,19 @@ pub struct AcEndpoint {
     pub updated_at_ms: i64,
 }
 
+/// The container image a version runs (`agentcore_version_images`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcVersionImage {
+    pub runtime_id: String,
+    pub version: u32,
+    /// `containerUri` as given.
+    pub reference: String,
+    /// The image manifest's digest (`sha256:…`).
+    pub digest: String,
+    /// The image's run configuration as JSON.
+    pub config: String,
+}
+
 /// The stored response to the first successful request with a clientToken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcClientToken {
@@ -407,6 +420,80 @@ impl AgentCoreStore<'_> {
         Ok(done.rows_affected() > 0)
     }
 
+    // ---- container images of versions ----
+
+    /// Record (or replace) the image a version runs.
+    pub async fn put_version_image(&self, img: &AcVersionImage) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO agentcore_version_images \
+             (runtime_id, version, reference, digest, config) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&img.runtime_id)
+        .bind(i64::from(img.version))
+        .bind(&img.reference)
+        .bind(&img.digest)
+        .bind(&img.config)
+        .execute(self.pool)
+        .await
+        .map_err(query_err("put agent runtime version image"))?;
+        Ok(())
+    }
+
+    /// The images of a runtime's versions (all of them when `version` is `None`).
+    pub async fn version_images(
+        &self,
+        runtime_id: &str,
+        version: Option<u32>,
+    ) -> Result<Vec<AcVersionImage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT runtime_id, version, reference, digest, config FROM agentcore_version_images \
+             WHERE runtime_id = ?1 AND (?2 IS NULL OR version = ?2) ORDER BY version",
+        )
+        .bind(runtime_id)
+        .bind(version.map(i64::from))
+        .fetch_all(self.pool)
+        .await
+        .map_err(query_err("list agent runtime version images"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(AcVersionImage {
+                    runtime_id: col(r, "runtime_id")?,
+                    version: version_of(r, "version")?,
+                    reference: col(r, "reference")?,
+                    digest: col(r, "digest")?,
+                    config: col(r, "config")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forget the image of one version; `false` when it had none.
+    pub async fn delete_version_image(
+        &self,
+        runtime_id: &str,
+        version: u32,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM agentcore_version_images WHERE runtime_id = ? AND version = ?",
+        )
+        .bind(runtime_id)
+        .bind(i64::from(version))
+        .execute(self.pool)
+        .await
+        .map_err(query_err("delete agent runtime version image"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every image digest some version still runs.
+    pub async fn image_digests_in_use(&self) -> Result<Vec<String>, StoreError> {
+        let rows =
+            sqlx::query("SELECT DISTINCT digest FROM agentcore_version_images ORDER BY digest")
+                .fetch_all(self.pool)
+                .await
+                .map_err(query_err("list image digests in use"))?;
+        rows.iter().map(|r| col(r, "digest")).collect()
+    }
+
     // ---- endpoints ----
 
     /// A taken name is `AlreadyExists`.
@@ -741,6 +828,46 @@ mod tests {
         assert_eq!(names, ["DEFAULT", "prod"]);
         assert!(ac.delete_endpoint(&rt.id, "prod").await.unwrap());
         assert!(!ac.delete_endpoint(&rt.id, "prod").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn version_images_go_with_their_versions() {
+        let (_dir, store) = store().await;
+        let ac = store.agentcore();
+        let (rt, v1, ep) = runtime("c-0123456789", "c", 1);
+        ac.create_runtime(&rt, &v1, &ep).await.unwrap();
+        ac.add_version(&rt.id, "{}", "UPDATING", 2).await.unwrap();
+        let img = |version, digest: &str| AcVersionImage {
+            runtime_id: rt.id.clone(),
+            version,
+            reference: "127.0.0.1:5000/a:v1".into(),
+            digest: digest.into(),
+            config: "{}".into(),
+        };
+        // An image needs its version.
+        assert!(ac.put_version_image(&img(9, "sha256:x")).await.is_err());
+        ac.put_version_image(&img(1, "sha256:a")).await.unwrap();
+        ac.put_version_image(&img(2, "sha256:a")).await.unwrap();
+        ac.put_version_image(&img(2, "sha256:b")).await.unwrap();
+        assert_eq!(
+            ac.version_images(&rt.id, None).await.unwrap(),
+            [img(1, "sha256:a"), img(2, "sha256:b")]
+        );
+        assert_eq!(
+            ac.version_images(&rt.id, Some(2)).await.unwrap(),
+            [img(2, "sha256:b")]
+        );
+        assert_eq!(
+            ac.image_digests_in_use().await.unwrap(),
+            ["sha256:a", "sha256:b"]
+        );
+        assert!(ac.delete_version_image(&rt.id, 2).await.unwrap());
+        assert!(!ac.delete_version_image(&rt.id, 2).await.unwrap());
+        ac.put_version_image(&img(2, "sha256:b")).await.unwrap();
+        ac.delete_version(&rt.id, 1).await.unwrap();
+        assert_eq!(ac.image_digests_in_use().await.unwrap(), ["sha256:b"]);
+        ac.delete_runtime(&rt.id).await.unwrap();
+        assert!(ac.image_digests_in_use().await.unwrap().is_empty());
     }
 
     #[tokio::test]

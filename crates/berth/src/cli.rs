@@ -203,6 +203,18 @@ pub struct ServerArgs {
     /// S3 Files access point in `filesystemConfigurations`; repeatable.
     #[arg(long, value_name = "ARN=DIR", value_parser = berth_server::agentcore::parse_shared_dir, help_heading = "AgentCore")]
     pub shared_dir: Vec<(String, PathBuf)>,
+    /// Cache of AgentCore container images, one unpacked rootfs per image digest
+    /// [default: <data-dir>-oci, beside the data dir; never inside it].
+    #[arg(long, value_name = "DIR", help_heading = "AgentCore")]
+    pub oci_cache: Option<PathBuf>,
+    /// Registry credentials for image pulls: a Docker config.json (`auths`, as `docker
+    /// login` writes it), read at every pull. Without it, pulls are anonymous.
+    #[arg(long, value_name = "FILE", help_heading = "AgentCore")]
+    pub registry_config: Option<PathBuf>,
+    /// Pull from this registry (HOST for any port, or HOST:PORT) over plain HTTP;
+    /// repeatable. Loopback registries (127.0.0.1, ::1, localhost) always are.
+    #[arg(long, value_name = "HOST", help_heading = "AgentCore")]
+    pub insecure_registry: Vec<String>,
     /// Print what this host supports (drivers, KVM or TCG) and exit.
     #[arg(long)]
     pub info: bool,

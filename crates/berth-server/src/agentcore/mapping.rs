@@ -10,11 +10,13 @@
 //! | `filesystemConfigurations[].efsAccessPoint` / `s3FilesAccessPoint` | a read-write `mounts` entry from the operator's `--shared-dir ARN=DIR` |
 //! | `resourceConfigurations[0].minimumMemoryInMiB` | `memory`, at least the native default |
 //! | `protocolConfiguration`, `requestHeaderConfiguration` | not native: [`protocol`] and [`header_allowlist`] for the data plane |
+//! | `containerConfiguration.containerUri` | `image` = the pulled image's cached rootfs, isolation `namespace`; the image's `Env` under `env`; its entrypoint, cmd and working dir: [`agent_command`] |
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use berth_api::RuntimeSpec as NativeSpec;
+use berth_oci::ImageConfig;
 
 use super::model::{LifecycleConfiguration, RuntimeSpec};
 use super::validate::{normalized_mount_path, Checker};
@@ -154,27 +156,92 @@ pub struct Context<'a> {
     pub shared_dirs: &'a BTreeMap<String, PathBuf>,
 }
 
-/// The native runtime for a validated version. Fails (with a failure reason) only when an
-/// access point's shared directory is no longer configured.
+/// A container version's pulled image.
+#[derive(Debug, Clone, Copy)]
+pub struct Image<'a> {
+    /// The unpacked rootfs in the server's image cache.
+    pub rootfs: &'a Path,
+    pub config: &'a ImageConfig,
+}
+
+/// The environment of a version's sandboxes: the image's `Env`, then
+/// `environmentVariables` over it, then `AWS_REGION` / `AWS_DEFAULT_REGION` = the
+/// server's region unless either set them.
+pub fn environment(
+    region: &str,
+    spec: &RuntimeSpec,
+    image: Option<&ImageConfig>,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = image
+        .into_iter()
+        .flat_map(ImageConfig::env_pairs)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Some(vars) = &spec.environment_variables {
+        env.extend(vars.clone());
+    }
+    for key in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
+        env.entry(key.to_string())
+            .or_insert_with(|| region.to_string());
+    }
+    env
+}
+
+/// How to start the agent of a container version: the process the data plane runs in
+/// the version's sandbox (as `docker run IMAGE` would, with no arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCommand {
+    /// The image's `Entrypoint` followed by its `Cmd`; never empty.
+    pub argv: Vec<String>,
+    /// The whole environment ([`environment`]). The native runtime's `env` already holds
+    /// it, so every process in the sandbox gets it; it is here for process APIs that
+    /// take an explicit environment.
+    pub env: BTreeMap<String, String>,
+    /// The image's `WorkingDir`; `None` means `/`.
+    pub cwd: Option<String>,
+    /// The image's `User`, for information: Berth runs the agent as the sandbox's root
+    /// (uid 0 of its user namespace) whatever the image says.
+    pub user: Option<String>,
+}
+
+/// The agent command of a container version, or why the image cannot run.
+pub fn agent_command(
+    region: &str,
+    spec: &RuntimeSpec,
+    config: &ImageConfig,
+) -> Result<AgentCommand, String> {
+    let argv = config.argv();
+    if argv.is_empty() {
+        return Err("the image has neither an Entrypoint nor a Cmd".into());
+    }
+    Ok(AgentCommand {
+        argv,
+        env: environment(region, spec, Some(config)),
+        cwd: config.working_dir.clone(),
+        user: config.user.clone(),
+    })
+}
+
+/// The native runtime for a validated version (with its pulled image for a container
+/// version). Fails (with a failure reason) only when an access point's shared directory
+/// is no longer configured.
 pub fn native_spec(
     ctx: &Context<'_>,
     runtime_id: &str,
     version: u32,
     spec: &RuntimeSpec,
+    image: Option<Image<'_>>,
 ) -> Result<NativeSpec, String> {
     let mut native = NativeSpec::named(native_name(runtime_id, version));
     let (idle, max) = lifecycle(spec);
     native.idle_timeout_s = idle;
     native.max_lifetime_s = max;
     native.workspace_path = workspace_path(spec);
-    if let Some(env) = &spec.environment_variables {
-        native.env.extend(env.clone());
-    }
-    for key in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
-        native
-            .env
-            .entry(key.to_string())
-            .or_insert_with(|| ctx.region.to_string());
+    native.env = environment(ctx.region, spec, image.map(|i| i.config));
+    if let Some(image) = image {
+        // A microVM boots a guest image built by `berth image build`, not a directory.
+        native.image = image.rootfs.display().to_string();
+        native.isolation = berth_api::runtime::Isolation::Namespace;
     }
     for m in shared_mounts(spec) {
         let Some(dir) = ctx.shared_dirs.get(m.arn) else {
@@ -237,7 +304,7 @@ mod tests {
             region: "eu-west-1",
             shared_dirs: &shared,
         };
-        let native = native_spec(&ctx, "a-0123456789", 1, &RuntimeSpec::default()).unwrap();
+        let native = native_spec(&ctx, "a-0123456789", 1, &RuntimeSpec::default(), None).unwrap();
         assert_eq!(native.name, "ac.a-0123456789.v1");
         assert_eq!((native.idle_timeout_s, native.max_lifetime_s), (900, 28800));
         assert_eq!(native.workspace_path, "/mnt/workspace");
@@ -270,7 +337,7 @@ mod tests {
             ],
             "resourceConfigurations": [{"minimumMemoryInMiB": 8192}],
         }));
-        let native = native_spec(&ctx, "a-0123456789", 3, &s).unwrap();
+        let native = native_spec(&ctx, "a-0123456789", 3, &s, None).unwrap();
         assert_eq!((native.idle_timeout_s, native.max_lifetime_s), (120, 3600));
         assert_eq!(native.env["MODEL"], "m");
         assert_eq!(native.env["AWS_REGION"], "ap-south-1");
@@ -288,7 +355,9 @@ mod tests {
         // A smaller minimum keeps the native default.
         let small = spec(json!({"resourceConfigurations": [{"minimumMemoryInMiB": 64}]}));
         assert_eq!(
-            native_spec(&ctx, "a-0123456789", 1, &small).unwrap().memory,
+            native_spec(&ctx, "a-0123456789", 1, &small, None)
+                .unwrap()
+                .memory,
             defaults::memory()
         );
     }
@@ -311,7 +380,49 @@ mod tests {
             region: "us-east-1",
             shared_dirs: &empty,
         };
-        assert!(native_spec(&ctx, "a-0123456789", 1, &s).is_err());
+        assert!(native_spec(&ctx, "a-0123456789", 1, &s, None).is_err());
+    }
+
+    #[test]
+    fn container_images_become_the_native_image() {
+        let shared = shared();
+        let ctx = Context {
+            region: "us-east-1",
+            shared_dirs: &shared,
+        };
+        let config = ImageConfig {
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["--port".into(), "8080".into()],
+            env: vec![
+                "PATH=/usr/local/bin:/usr/bin".into(),
+                "MODEL=image".into(),
+                "AWS_REGION=eu-central-1".into(),
+            ],
+            working_dir: Some("/app".into()),
+            user: Some("1000".into()),
+            exposed_ports: vec!["8080/tcp".into()],
+        };
+        let s = spec(json!({"environmentVariables": {"MODEL": "request"}}));
+        let rootfs = Path::new("/var/lib/berth-oci/sha256-ab/rootfs");
+        let image = Image {
+            rootfs,
+            config: &config,
+        };
+        let native = native_spec(&ctx, "a-0123456789", 2, &s, Some(image)).unwrap();
+        assert_eq!(native.image, "/var/lib/berth-oci/sha256-ab/rootfs");
+        assert_eq!(native.isolation, berth_api::runtime::Isolation::Namespace);
+        // The request's variables override the image's; the image's region is kept.
+        assert_eq!(native.env["MODEL"], "request");
+        assert_eq!(native.env["PATH"], "/usr/local/bin:/usr/bin");
+        assert_eq!(native.env["AWS_REGION"], "eu-central-1");
+        assert_eq!(native.env["AWS_DEFAULT_REGION"], "us-east-1");
+        let cmd = agent_command("us-east-1", &s, &config).unwrap();
+        assert_eq!(cmd.argv, ["/bin/app", "--port", "8080"]);
+        assert_eq!(cmd.env, native.env);
+        assert_eq!(cmd.cwd.as_deref(), Some("/app"));
+        assert_eq!(cmd.user.as_deref(), Some("1000"));
+        let empty = agent_command("us-east-1", &s, &ImageConfig::default()).unwrap_err();
+        assert_eq!(empty, "the image has neither an Entrypoint nor a Cmd");
     }
 
     #[test]

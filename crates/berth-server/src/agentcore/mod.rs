@@ -15,6 +15,7 @@ mod endpoints;
 mod error;
 mod idempotency;
 mod ids;
+pub mod images;
 pub mod mapping;
 pub mod model;
 mod pagination;
@@ -68,6 +69,8 @@ pub struct AgentCoreConfig {
     pub object_store_dir: PathBuf,
     /// EFS / S3 Files access point ARN → the host directory mounted for it.
     pub shared_dirs: BTreeMap<String, PathBuf>,
+    /// Container images: the cache (beside the data dir by default) and registries.
+    pub images: images::ImagesConfig,
 }
 
 impl AgentCoreConfig {
@@ -78,6 +81,7 @@ impl AgentCoreConfig {
             region: DEFAULT_REGION.into(),
             account_id: DEFAULT_ACCOUNT_ID.into(),
             object_store_dir: data_dir.join("buckets"),
+            images: images::ImagesConfig::beside(&data_dir),
             data_dir,
             shared_dirs: BTreeMap::new(),
         }
@@ -114,7 +118,9 @@ impl AgentCoreConfig {
                 )));
             }
         }
-        Ok(())
+        self.images
+            .check(&self.data_dir)
+            .map_err(AgentCoreError::Config)
     }
 }
 
@@ -150,6 +156,7 @@ struct Inner {
     store: Store,
     config: AgentCoreConfig,
     objects: artifacts::ObjectSource,
+    images: berth_oci::ImageCache,
     base_image: Arc<dyn BaseImage>,
     limits: artifacts::Limits,
     /// Serializes the mutating operations, so that clientToken checks, name checks and
@@ -183,6 +190,7 @@ impl AgentCore {
                 core,
                 store,
                 objects: artifacts::ObjectSource::new(&config.object_store_dir),
+                images: images::cache(&config.images),
                 config,
                 base_image,
                 limits: artifacts::Limits::default(),

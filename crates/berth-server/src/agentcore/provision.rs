@@ -2,10 +2,11 @@
 //! what a restart does with versions whose preparation died with the server.
 //!
 //! Preparation: fetch and unpack the code zip, check the entry point and the managed
-//! runtime ([`super::artifacts`]), create the native runtime ([`super::mapping`]), then
+//! runtime ([`super::artifacts`]), or pull the container image into the image cache and
+//! record it ([`super::images`]); create the native runtime ([`super::mapping`]), then
 //! mark the version READY, which also moves the endpoints that target it. The final
 //! step only succeeds while the version is still in progress, so a version deleted
-//! meanwhile is cleaned up instead.
+//! meanwhile is cleaned up instead (its image released too).
 //!
 //! A server killed during preparation leaves the version CREATING or UPDATING; on start,
 //! [`AgentCore::recover`] marks it failed ("interrupted by a server restart; update the
@@ -49,7 +50,7 @@ impl AgentCore {
         let outcome = self.prepare(id, version).await;
         let now = now_ms();
         let finished = match &outcome {
-            Ok(()) => {
+            Ok(_) => {
                 store
                     .finish_version(id, version, Status::Ready.as_str(), None, now)
                     .await
@@ -68,15 +69,22 @@ impl AgentCore {
             }
             Ok(true) => {}
             // Deleted (or finished by someone else) meanwhile: nothing may stay behind.
-            Ok(false) => self.discard(id, version).await,
+            Ok(false) => {
+                self.discard(id, version).await;
+                // Its image record may have gone with the version, unseen by the deletion.
+                if let Ok(Some(digest)) = outcome {
+                    self.release_images(vec![digest]).await;
+                }
+            }
             Err(e) => {
                 tracing::error!(runtime = id, version, error = ?e, "agentcore: cannot record a version's status");
             }
         }
     }
 
-    /// Everything up to READY; `Err` is the `failureReason`.
-    async fn prepare(&self, id: &str, version: u32) -> Result<(), String> {
+    /// Everything up to READY; `Err` is the `failureReason`. `Ok` holds the digest of a
+    /// container version's image.
+    async fn prepare(&self, id: &str, version: u32) -> Result<Option<String>, String> {
         let rec = self
             .store()
             .agentcore()
@@ -85,27 +93,46 @@ impl AgentCore {
             .map_err(|e| internal("read the version", &e))?
             .ok_or("the version was deleted")?;
         let spec = spec_of(&rec).map_err(|e| e.message)?;
-        let code = spec
-            .agent_runtime_artifact
-            .as_ref()
-            .and_then(|a| a.code_configuration.as_ref())
-            .ok_or("container images are not supported yet")?;
+        let artifact = spec.agent_runtime_artifact.clone().unwrap_or_default();
         let config = self.config();
-        artifacts::prepare(
-            &self.inner.objects,
-            self.inner.base_image.clone(),
-            &config.data_dir,
-            id,
-            version,
-            code,
-            self.inner.limits,
-        )
-        .await?;
+        let image = match (
+            &artifact.container_configuration,
+            &artifact.code_configuration,
+        ) {
+            (Some(container), _) => {
+                let uri = container.container_uri.as_deref().unwrap_or_default();
+                Some(self.pull_image(id, version, uri, &spec).await?)
+            }
+            (None, Some(code)) => {
+                artifacts::prepare(
+                    &self.inner.objects,
+                    self.inner.base_image.clone(),
+                    &config.data_dir,
+                    id,
+                    version,
+                    code,
+                    self.inner.limits,
+                )
+                .await?;
+                None
+            }
+            (None, None) => return Err("the version has no artifact".into()),
+        };
         let ctx = mapping::Context {
             region: &config.region,
             shared_dirs: &config.shared_dirs,
         };
-        let native = mapping::native_spec(&ctx, id, version, &spec)?;
+        let native = mapping::native_spec(
+            &ctx,
+            id,
+            version,
+            &spec,
+            image.as_ref().map(|i| mapping::Image {
+                rootfs: &i.rootfs,
+                config: &i.config,
+            }),
+        )?;
+        let digest = image.map(|i| i.digest);
         let core = self.core();
         let created = match core.create_runtime(native.clone()).await {
             Err(berth_core::CoreError::AlreadyExists { .. }) => {
@@ -117,7 +144,7 @@ impl AgentCore {
             }
             other => other,
         };
-        created.map(|_| ()).map_err(|e| {
+        created.map(|_| digest).map_err(|e| {
             let api = berth_api::ApiError::from(&e);
             if api.code == berth_api::ErrorCode::Internal {
                 tracing::error!(runtime = id, version, error = ?e, "agentcore: cannot create the native runtime");
@@ -128,11 +155,13 @@ impl AgentCore {
         })
     }
 
-    /// Remove what a failed or deleted version left: its native runtime and its files.
+    /// Remove what a failed or deleted version left: its native runtime, its files, and
+    /// its hold on a cached image.
     async fn discard(&self, id: &str, version: u32) {
         if let Err(e) = self.remove_native(id, version).await {
             tracing::warn!(runtime = id, version, error = %e, "agentcore: cannot remove a native runtime");
         }
+        self.forget_image(id, version).await;
         let data = &self.config().data_dir;
         let root = artifacts::runtime_code_root(data, id);
         artifacts::remove_all(&artifacts::code_dir(data, id, version));
@@ -140,7 +169,8 @@ impl AgentCore {
         artifacts::remove_all(&root.join(format!(".v{version}.zip")));
     }
 
-    /// Fail every version a previous server process left in progress.
+    /// Fail every version a previous server process left in progress, and sweep the image
+    /// cache of interrupted pulls and images no version runs.
     pub(super) async fn recover(&self) -> Result<(), StoreError> {
         let store = self.store().agentcore();
         for rec in store.unfinished_versions().await? {
@@ -159,7 +189,7 @@ impl AgentCore {
                 )
                 .await?;
         }
-        Ok(())
+        self.sweep_images().await
     }
 }
 

@@ -309,6 +309,7 @@ impl AgentCore {
         }
         self.runtime(id).await?;
         let store = self.store().agentcore();
+        let images = self.image_digests(id, version).await?;
         if let Some(n) = version {
             self.version(id, n).await?;
             let latest = self.latest(id).await?;
@@ -342,6 +343,7 @@ impl AgentCore {
             store.delete_runtime(id).await?;
             artifacts::remove_all(&artifacts::runtime_code_root(&self.config().data_dir, id));
         }
+        self.release_images(images).await;
         let reply = Reply::accepted(&DeleteRuntimeResponse {
             status: Status::Deleting,
             agent_runtime_id: id.to_string(),

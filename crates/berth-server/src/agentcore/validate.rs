@@ -486,18 +486,30 @@ fn artifact(c: &mut Checker, path: &str, a: &AgentRuntimeArtifact) {
         return;
     }
     if let Some(cc) = &a.container_configuration {
-        let cpath = join(path, "containerConfiguration");
-        if let Some(uri) = c.required(&join(&cpath, "containerUri"), &cc.container_uri) {
-            c.len(&join(&cpath, "containerUri"), uri, 1, 1024);
+        let upath = join(&join(path, "containerConfiguration"), "containerUri");
+        if let Some(uri) = c.required(&upath, &cc.container_uri) {
+            container_uri(c, &upath, uri);
         }
-        c.unsupported(
-            &cpath,
-            "container images are not supported yet (a later Berth release pulls them); \
-             deploy the agent as codeConfiguration",
-        );
     }
     if let Some(code) = &a.code_configuration {
         code_configuration(c, &join(path, "codeConfiguration"), code);
+    }
+}
+
+/// Any OCI image reference, not only the model's ECR pattern (botocore does not check
+/// it): Berth pulls from any registry.
+fn container_uri(c: &mut Checker, path: &str, uri: &str) {
+    if !c.len(path, uri, 1, 1024) {
+        return;
+    }
+    if let Err(e) = berth_oci::parse_reference(uri) {
+        c.fail(
+            path,
+            format!(
+                "not an OCI image reference ({e}): expected [REGISTRY[:PORT]/]REPOSITORY[:TAG][@DIGEST], \
+                 such as 123456789012.dkr.ecr.us-east-1.amazonaws.com/agent:v1 or 127.0.0.1:5000/agent:v1"
+            ),
+        );
     }
 }
 
@@ -880,6 +892,40 @@ mod tests {
     }
 
     #[test]
+    fn container_uris_are_any_oci_reference() {
+        let container = |uri: &str| {
+            with(
+                &["agentRuntimeArtifact"],
+                json!({"containerConfiguration": {"containerUri": uri}}),
+            )
+        };
+        for ok in [
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/agents/echo:v1",
+            "public.ecr.aws/x/y:1",
+            "127.0.0.1:5000/agents/echo:v1",
+            "registry.lan:8443/a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "ghcr.io/org/agent",
+        ] {
+            assert_eq!(failures(container(ok)), Vec::<String>::new(), "{ok}");
+        }
+        for bad in ["Not A Reference", "repo@sha256:abc", ""] {
+            let err = check(container(bad)).unwrap_err();
+            assert_eq!(
+                err.fields[0].name, "agentRuntimeArtifact.containerConfiguration.containerUri",
+                "{bad}"
+            );
+        }
+        let missing = with(
+            &["agentRuntimeArtifact"],
+            json!({"containerConfiguration": {}}),
+        );
+        assert_eq!(
+            failures(missing),
+            ["agentRuntimeArtifact.containerConfiguration.containerUri"]
+        );
+    }
+
+    #[test]
     fn unions_need_exactly_one_member() {
         let both = with(
             &["agentRuntimeArtifact", "containerConfiguration"],
@@ -999,15 +1045,6 @@ mod tests {
         ))
         .unwrap_err();
         assert!(vpc.message.contains("not supported by Berth"));
-        let container = check(with(
-            &["agentRuntimeArtifact"],
-            json!({"containerConfiguration": {"containerUri": "public.ecr.aws/x/y:1"}}),
-        ))
-        .unwrap_err();
-        assert_eq!(
-            container.fields[0].name,
-            "agentRuntimeArtifact.containerConfiguration"
-        );
         let version = with(
             &[
                 "agentRuntimeArtifact",

@@ -177,7 +177,8 @@ fn print_tls_info(args: &ServerArgs, data_dir: &std::path::Path) {
 }
 
 /// The AgentCore-compatible API's state, from the `--region`, `--account-id`,
-/// `--object-store` and `--shared-dir` flags.
+/// `--object-store`, `--shared-dir`, `--oci-cache`, `--registry-config` and
+/// `--insecure-registry` flags.
 async fn agentcore(
     args: &ServerArgs,
     data_dir: &std::path::Path,
@@ -199,6 +200,11 @@ async fn agentcore(
             .with_context(|| format!("--shared-dir {arn}={}", dir.display()))?;
         config.shared_dirs.insert(arn.clone(), dir);
     }
+    if let Some(dir) = &args.oci_cache {
+        config.images.cache_dir = dir.clone();
+    }
+    config.images.registries.credentials = args.registry_config.clone();
+    config.images.registries.insecure = args.insecure_registry.iter().cloned().collect();
     AgentCore::start(core.clone(), store, config)
         .await
         .context("cannot start the AgentCore API")
