@@ -60,6 +60,10 @@ pub struct OpenShell {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// Working directory of the shell process, an absolute path in the sandbox (no
+    /// `..`); the runtime's workspace path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     /// Initial size in cells (80 × 24 when absent; 1–1000 each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<u16>,
@@ -134,6 +138,9 @@ impl OpenShell {
                     "must hold at least the program to run",
                 ));
             }
+        }
+        if let Some(cwd) = &self.cwd {
+            crate::validate::sandbox_path("cwd", cwd)?;
         }
         if let Some(w) = self.width {
             validate_dimension("width", w)?;
@@ -459,6 +466,22 @@ mod tests {
             let err = validate_shell_id("shell_id", bad).unwrap_err();
             assert_eq!(err.field.as_deref(), Some("shell_id"), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn open_shell_cwd_is_an_absolute_sandbox_path() {
+        let open = |cwd: &str| OpenShell {
+            cwd: Some(cwd.into()),
+            ..Default::default()
+        };
+        assert!(open("/app").validate().is_ok());
+        assert!(OpenShell::default().validate().is_ok());
+        for bad in ["app", "/a/../b", "/a\0b"] {
+            let err = open(bad).validate().unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("cwd"), "{bad:?}");
+        }
+        let parsed: OpenShell = serde_json::from_str(r#"{"cwd":"/srv"}"#).unwrap();
+        assert_eq!(parsed.cwd.as_deref(), Some("/srv"));
     }
 
     #[test]

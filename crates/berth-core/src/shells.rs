@@ -235,7 +235,10 @@ impl Core {
             argv: req.command.unwrap_or_default(),
             // What the recording's header says.
             env: [("TERM".to_string(), recordings::TERM.to_string())].into(),
-            cwd: runtime.workspace_path.clone(),
+            cwd: req
+                .cwd
+                .clone()
+                .unwrap_or_else(|| runtime.workspace_path.clone()),
             width: req.width.map_or(0, u32::from),
             height: req.height.map_or(0, u32::from),
             max_shells: u32::try_from(self.config().max_shells).unwrap_or(u32::MAX),

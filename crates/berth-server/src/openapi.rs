@@ -39,3 +39,16 @@ impl utoipa::Modify for BearerAuth {
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn open_shell_documents_its_working_directory() {
+        let doc = serde_json::to_value(super::document()).unwrap();
+        let cwd = &doc["components"]["schemas"]["OpenShell"]["properties"]["cwd"];
+        let about = cwd["description"].as_str().unwrap_or_default();
+        assert!(about.contains("workspace path"), "{cwd}");
+    }
+}

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::agentcore::{host_python, run, vendored, BEDROCK_AGENTCORE};
 use common::{poll, uniq, Server};
 use futures::StreamExt;
 use reqwest::Method;
@@ -22,7 +23,6 @@ use sha2::Digest;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/AgentRole";
 const SESSION_HEADER: &str = "x-amzn-bedrock-agentcore-runtime-session-id";
-const BEDROCK_AGENTCORE: &str = "bedrock-agentcore==1.25.0";
 
 /// The agent: echo (with what it was told), a per-process counter, an SSE stream that
 /// waits for a file between its two events, and a failure.
@@ -69,60 +69,6 @@ if __name__ == "__main__":
 "#;
 
 // ---- the agent's code zip ----
-
-/// A `/usr/bin/python3.N` of the host (what the sandbox runs), as (path, `PYTHON_3_N`).
-fn host_python() -> Option<(PathBuf, String)> {
-    (10..=14).find_map(|n| {
-        let p = PathBuf::from(format!("/usr/bin/python3.{n}"));
-        p.is_file().then(|| (p, format!("PYTHON_3_{n}")))
-    })
-}
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// `bedrock-agentcore` and its dependencies installed for `python` into a directory of
-/// their own (built once; concurrent tests race to rename, and the loser's copy goes).
-fn vendored(python: &Path) -> Result<PathBuf, String> {
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let name = python.file_name().unwrap_or_default().to_string_lossy();
-    let dir = tmp.join(format!("agentcore-vendor-{name}-1.25.0"));
-    if dir.join(".complete").is_file() {
-        return Ok(dir);
-    }
-    let staging = tmp.join(format!(
-        "agentcore-vendor-{name}.tmp-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    run(Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(["--no-warn-script-location", "--target"])
-        .arg(&staging)
-        .arg(BEDROCK_AGENTCORE)
-        .env("PIP_ROOT_USER_ACTION", "ignore"))?;
-    std::fs::write(staging.join(".complete"), b"").map_err(|e| e.to_string())?;
-    if std::fs::rename(&staging, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    Ok(dir)
-}
 
 /// A stored (uncompressed: quick to write and to unpack) zip of `main.py` and, with
 /// `vendor`, the vendored packages (without `__pycache__`), cached by content.

@@ -11,101 +11,23 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use berth_api::CommandRequest;
 use berth_oci::oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use berth_oci::oci_client::manifest;
 use berth_oci::oci_client::secrets::RegistryAuth;
 use berth_oci::oci_client::{Client, Reference};
+use common::agentcore::Registry;
 use common::{poll, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sha2::Digest;
 
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const BUSYBOX: &str = "/bin/busybox";
+/// The repository the test image is pushed to.
+const REPO: &str = "agents/echo";
 const ROLE: &str = "arn:aws:iam::123456789012:role/AgentRole";
 const HELLO: &str = "hello from the image\n";
-
-/// A `docker-registry serve` on a loopback port, killed on drop.
-struct Registry {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Registry {
-    /// `None` (with the reason printed) when the binary is missing.
-    async fn start() -> Option<Registry> {
-        if !Path::new(REGISTRY_BIN).is_file() {
-            eprintln!(
-                "skipping: {REGISTRY_BIN} is missing (apt-get install docker-registry; scripts/test does)"
-            );
-            return None;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("berth-registry-")
-            .tempdir()
-            .expect("registry dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("store").display()
-            ),
-        )
-        .expect("registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
-        let r = Registry { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let http = reqwest::Client::new();
-        loop {
-            let url = format!("http://127.0.0.1:{port}/v2/");
-            if http.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
-                return Some(r);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not start:\n{}",
-                r.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// How many times a blob was downloaded (GETs in the access log).
-    fn blob_gets(&self, digest: &str) -> usize {
-        let needle = format!("\"GET /v2/agents/echo/blobs/{digest} ");
-        self.log().matches(&needle).count()
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A tar layer from entries: (path, contents or a symlink target, mode).
 enum Entry {
@@ -153,20 +75,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The shared libraries the berth binary (the sandbox's guest agent) loads, from `ldd`:
 /// an image needs them for a sandbox to start in it.
 fn guest_libraries() -> Vec<PathBuf> {
-    let out = Command::new("ldd")
-        .arg(common::BERTH)
-        .output()
-        .expect("run ldd");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let path = match l.split_once("=>") {
-                Some((_, right)) => right.split_whitespace().next()?,
-                None => l.split_whitespace().next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect()
+    common::agentcore::ldd(Path::new(common::BERTH))
 }
 
 /// The test image: layer 1 (gzip) has busybox, the guest agent's libraries and a few
@@ -410,7 +319,12 @@ async fn runtimes_from_container_images() {
         .mode();
     assert_eq!(cache_mode & 0o777, 0o700);
     for layer in &layers {
-        assert_eq!(registry.blob_gets(layer), 1, "{layer}\n{}", registry.log());
+        assert_eq!(
+            registry.blob_gets(REPO, layer),
+            1,
+            "{layer}\n{}",
+            registry.log()
+        );
     }
 
     // A second runtime on the same image: a cache hit, nothing downloaded again.
@@ -422,7 +336,11 @@ async fn runtimes_from_container_images() {
     assert_eq!(native_b["image"], native["image"]);
     assert_eq!(std::fs::metadata(&rootfs).expect("rootfs").ino(), inode);
     for layer in &layers {
-        assert_eq!(registry.blob_gets(layer), 1, "{layer} downloaded again");
+        assert_eq!(
+            registry.blob_gets(REPO, layer),
+            1,
+            "{layer} downloaded again"
+        );
     }
 
     // An image index resolves to this host's platform: the same manifest, so the same
@@ -438,7 +356,11 @@ async fn runtimes_from_container_images() {
     let (_, native_c) = call(&s, Method::GET, &format!("/v1/runtimes/ac.{c}.v1"), None).await;
     assert_eq!(native_c["image"], native["image"]);
     for layer in &layers {
-        assert_eq!(registry.blob_gets(layer), 1, "{layer} downloaded again");
+        assert_eq!(
+            registry.blob_gets(REPO, layer),
+            1,
+            "{layer} downloaded again"
+        );
     }
     // A single-platform image for another architecture fails, saying so.
     let wrong = create(

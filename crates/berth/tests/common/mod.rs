@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod agentcore;
 pub mod drivers;
 
 use std::path::{Path, PathBuf};

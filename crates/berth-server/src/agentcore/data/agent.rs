@@ -239,14 +239,33 @@ impl AgentCore {
             }
         }
         data.set_ready(&s.native, None);
-        let argv = self.agent_command(&s.target).await?;
-        self.copy_code(s).await?;
+        // A container version runs its image's `Entrypoint` + `Cmd` in its `WorkingDir`
+        // (the image is the sandbox's root and its `Env` the runtime's; `/` when unset,
+        // and relative to `/` as Docker takes it): no code to copy, no shell wrapper (an
+        // image may have no `/bin/sh`). A code version runs its entry point from
+        // `/var/task`, copied in first.
+        let (argv, cwd) = match self
+            .container_command(&s.target.runtime_id, s.target.version)
+            .await?
+        {
+            Some(image) => {
+                let dir = image.cwd.unwrap_or_default();
+                let cwd = format!("/{}", dir.trim_start_matches('/'));
+                (image.argv, Some(cwd))
+            }
+            None => {
+                let argv = self.agent_command(&s.target).await?;
+                self.copy_code(s).await?;
+                (argv, None)
+            }
+        };
         let info = core
             .open_shell(
                 &s.native,
                 OpenShell {
                     shell_id: Some(AGENT_SHELL.into()),
                     command: Some(argv),
+                    cwd,
                     width: Some(200),
                     height: Some(50),
                 },
