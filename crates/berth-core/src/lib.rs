@@ -2,6 +2,7 @@
 //!
 //! Knows nothing about HTTP (the server converts) or Linux (the [`Driver`] does that).
 
+mod activity;
 mod commands;
 pub mod driver;
 mod error;
@@ -16,11 +17,12 @@ mod shells;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use activity::BusyHold;
 pub use commands::{CommandStream, ExecEvent};
 pub use driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
 pub use error::CoreError;
 pub use files::{FileInfo, ReadStream};
-pub use ports::PortStream;
+pub use ports::{PortStream, TunnelKind};
 pub use sessions::Core;
 pub use shells::{
     NoticeKind, ShellAttached, ShellAttachment, ShellEvent, ShellEvents, ShellInputs,

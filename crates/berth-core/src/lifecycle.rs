@@ -37,8 +37,10 @@ impl Core {
                     continue;
                 }; // starting/stopping
                 let Some(l) = live.as_ref() else { continue };
-                let idle_ms = now - slot.last_activity_ms.load(Ordering::SeqCst);
+                // Busy first: whoever stops being busy records their activity before
+                // the count drops, so a count of zero read here comes with that time.
                 let busy = slot.busy.load(Ordering::SeqCst) > 0;
+                let idle_ms = now - slot.last_activity_ms.load(Ordering::SeqCst);
                 if now - l.started_at_ms >= (l.runtime.max_lifetime_s as i64) * 1000 {
                     Some("max_lifetime")
                 } else if !busy && idle_ms >= (l.runtime.idle_timeout_s as i64) * 1000 {

@@ -4,6 +4,8 @@
 //! Reaching a port never starts a sandbox: what listens there lives in the sandbox and
 //! ends with it. An open tunnel holds a [`BusyGuard`], so it keeps the session from
 //! idling out for as long as it lives, like a running command or an attached shell.
+//! A [`TunnelKind::HealthCheck`] tunnel does not: it is how the embedding layer asks a
+//! server in the sandbox how it is doing without that question counting as activity.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -45,7 +47,22 @@ pub struct PortStream {
     /// The output is over (EOF or error): reads return EOF from now on.
     read_done: bool,
     write_closed: bool,
-    _busy: BusyGuard,
+    /// `None` for a [`TunnelKind::HealthCheck`] tunnel.
+    _busy: Option<BusyGuard>,
+}
+
+/// What a port tunnel is for, which decides whether it counts as activity of its
+/// session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    /// Traffic of a client ([`Core::connect_port`]): the session is busy while the
+    /// tunnel is open and was last active when it closed.
+    Traffic,
+    /// A health check of a server in the sandbox by the embedding layer (the AgentCore
+    /// adapter's `/ping` poll): neither busy nor activity, since a poller that counted
+    /// would keep every session alive for ever. The session may idle out while such a
+    /// tunnel is open; its reads and writes then fail.
+    HealthCheck,
 }
 
 impl std::fmt::Debug for PortStream {
@@ -174,7 +191,21 @@ impl Core {
     /// `Conflict`, an unknown one `NotFound`. Nothing listening on the port (yet) is
     /// [`CoreError::Guest`] with [`tonic::Code::Unavailable`] and a message saying so;
     /// a caller waiting for a server in the sandbox to come up retries on it.
+    ///
+    /// The tunnel counts as activity ([`TunnelKind::Traffic`]); see
+    /// [`Core::connect_port_as`] for one that does not.
     pub async fn connect_port(&self, session_id: &str, port: u16) -> Result<PortStream, CoreError> {
+        self.connect_port_as(session_id, port, TunnelKind::Traffic)
+            .await
+    }
+
+    /// [`Core::connect_port`] for a tunnel of `kind`.
+    pub async fn connect_port_as(
+        &self,
+        session_id: &str,
+        port: u16,
+        kind: TunnelKind,
+    ) -> Result<PortStream, CoreError> {
         validate::id("session_id", session_id)?;
         if port == 0 {
             return Err(CoreError::invalid("port", "must be a TCP port (1–65535)"));
@@ -190,7 +221,11 @@ impl Core {
             };
             // Busy before the lock is released: the idle check (which takes the same
             // lock) cannot stop the sandbox between this check and the connection.
-            (l.sandbox.clone(), BusyGuard::new(slot.clone()))
+            let busy = match kind {
+                TunnelKind::Traffic => Some(BusyGuard::new(slot.clone())),
+                TunnelKind::HealthCheck => None,
+            };
+            (l.sandbox.clone(), busy)
         };
         let (input, data) = mpsc::channel(INPUT_QUEUE);
         let mut guest = sandbox.guest.clone();

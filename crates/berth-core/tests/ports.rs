@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
-//! `Core::connect_port` against a fake driver whose "sandbox" is a real guest agent
+//! `Core::connect_port` (and the activity the core cannot see: busy holds, noted
+//! activity, health-check tunnels) against a fake driver whose "sandbox" is a real guest agent
 //! process (this test binary re-executed into `agent_process`) on a unix socket: the
 //! core, the guest protocol and the agent are real, only the isolation is left out, so
 //! the agent dials this host's 127.0.0.1 and these run without root.
@@ -15,7 +16,7 @@ use async_trait::async_trait;
 use berth_api::{RuntimeSpec, SessionState};
 use berth_core::{
     Core, CoreConfig, CoreError, Driver, DriverError, PortStream, Sandbox, SandboxRequest,
-    SandboxStats,
+    SandboxStats, TunnelKind,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -362,4 +363,149 @@ async fn an_open_tunnel_keeps_the_session_from_idling() {
     // The connection (and with it the stream) is gone: the session may idle now.
     let stopped = wait_state(&f.core, "idle", SessionState::Stopped).await;
     assert_eq!(stopped.stop_reason.as_deref(), Some("idle_timeout"));
+}
+
+// ---- activity the core cannot see: busy holds, noted activity, health-check tunnels ----
+
+fn at_ms(ms: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap())
+}
+
+/// A hold keeps a session running past its idle timeout and records nothing; once it is
+/// released, the session idles out counted from the time noted for it.
+#[tokio::test]
+async fn a_busy_hold_keeps_the_session_running_and_the_noted_time_counts() {
+    let f = fixture(1).await;
+    session(&f.core, "held").await;
+    let started = f.core.get_session("held").await.unwrap().last_activity_ms;
+    let hold = f.core.hold_busy("held").await.unwrap();
+    // Twice the idle timeout and more, with nothing else going on.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = f.core.get_session("held").await.unwrap();
+    assert_eq!(s.state, SessionState::Running, "{s:?}");
+    assert_eq!(s.last_activity_ms, started, "taking a hold is not activity");
+
+    // Noted: a time after the start; an earlier one changes nothing.
+    let noted = started + 1500;
+    f.core.note_activity("held", at_ms(noted)).await.unwrap();
+    f.core.note_activity("held", at_ms(started)).await.unwrap();
+    assert_eq!(
+        f.core.get_session("held").await.unwrap().last_activity_ms,
+        noted
+    );
+    drop(hold);
+    let stopped = wait_state(&f.core, "held", SessionState::Stopped).await;
+    assert_eq!(stopped.stop_reason.as_deref(), Some("idle_timeout"));
+    assert_eq!(
+        stopped.last_activity_ms, noted,
+        "the idle clock ran from the noted time, not from the release"
+    );
+
+    // A time still to come counts as now.
+    session(&f.core, "future").await;
+    let before = std::time::SystemTime::now();
+    f.core
+        .note_activity("future", before + Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let after = std::time::SystemTime::now();
+    let last = at_ms(f.core.get_session("future").await.unwrap().last_activity_ms);
+    assert!(last <= after, "a future time was recorded as is");
+    assert!(
+        last + Duration::from_millis(1) >= before,
+        "the clamped time is not now"
+    );
+}
+
+/// Only a running session can be held busy; a stopped one is left alone by noted
+/// activity; unknown sessions are not found.
+#[tokio::test]
+async fn holds_and_notes_need_a_running_session() {
+    let f = fixture(900).await;
+    let err = f.core.hold_busy("nope").await.unwrap_err();
+    assert!(matches!(err, CoreError::NotFound { .. }), "{err:?}");
+    let err = f
+        .core
+        .note_activity("nope", std::time::SystemTime::now())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoreError::NotFound { .. }), "{err:?}");
+    let err = f.core.hold_busy("../x").await.unwrap_err();
+    assert!(
+        matches!(&err, CoreError::Invalid { field, .. } if field == "session_id"),
+        "{err:?}"
+    );
+
+    session(&f.core, "stopped").await;
+    f.core.stop_session("stopped", "requested").await.unwrap();
+    let last = f
+        .core
+        .get_session("stopped")
+        .await
+        .unwrap()
+        .last_activity_ms;
+    let err = f.core.hold_busy("stopped").await.unwrap_err();
+    assert!(matches!(err, CoreError::Conflict(_)), "{err:?}");
+    assert!(err.to_string().contains("not running"), "{err}");
+    f.core
+        .note_activity(
+            "stopped",
+            std::time::SystemTime::now() + Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let s = f.core.get_session("stopped").await.unwrap();
+    assert_eq!((s.state, s.last_activity_ms), (SessionState::Stopped, last));
+}
+
+/// A health-check tunnel is not activity: a session polled through such tunnels over
+/// and over still idles out, and its last activity stays where it was.
+#[tokio::test]
+async fn health_check_tunnels_do_not_count_as_activity() {
+    let f = fixture(1).await;
+    session(&f.core, "polled").await;
+    let started = f.core.get_session("polled").await.unwrap().last_activity_ms;
+    let port = agent_http_server().await;
+    let mut polls = 0;
+    let stopped = loop {
+        let s = f.core.get_session("polled").await.unwrap();
+        if s.state == SessionState::Stopped {
+            break s;
+        }
+        assert!(polls < 600, "the session never idled out: {s:?}");
+        match f
+            .core
+            .connect_port_as("polled", port, TunnelKind::HealthCheck)
+            .await
+        {
+            Ok(stream) => {
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                let conn = tokio::spawn(conn);
+                let req = Request::get("/ping")
+                    .header("host", "localhost")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                // The sandbox may stop while the tunnel is open: that is allowed.
+                if let Ok(resp) = sender.send_request(req).await {
+                    assert_eq!(resp.status(), 200);
+                    let _ = resp.into_body().collect().await;
+                }
+                drop(sender);
+                let _ = conn.await;
+            }
+            Err(CoreError::Conflict(_)) => {} // it just stopped
+            Err(e) => panic!("{e:?}"),
+        }
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(polls > 5, "polled only {polls} times");
+    assert_eq!(stopped.stop_reason.as_deref(), Some("idle_timeout"));
+    assert_eq!(
+        stopped.last_activity_ms, started,
+        "a health check was counted"
+    );
 }

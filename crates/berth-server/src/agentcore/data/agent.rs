@@ -17,7 +17,8 @@
 //!    A2A servers need not serve `/ping`: any answer below 500 will do), within 120 s.
 //!    Meanwhile the shell is watched: if it exits first, the request fails with
 //!    RuntimeClientError (424) carrying the end of its output. A per-session lock lets
-//!    one request start the agent while concurrent ones wait for it.
+//!    one request start the agent while concurrent ones wait for it. Once ready, the
+//!    agent's `/ping` is polled while it runs (`ping.rs`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use axum::http::{header, Request, Response, StatusCode};
 use berth_api::shell::{AttachMode, AttachOptions, OpenShell};
 use berth_api::{CommandRequest, ErrorCode};
-use berth_core::{Core, CoreError, ExecEvent, ShellEvent};
+use berth_core::{Core, CoreError, ExecEvent, ShellEvent, TunnelKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::Full;
@@ -72,8 +73,20 @@ pub async fn send(
     port: u16,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, SendError> {
+    send_as(core, native, port, TunnelKind::Traffic, req).await
+}
+
+/// [`send`] over a tunnel of `kind` (a [`TunnelKind::HealthCheck`] one for the `/ping`
+/// poll, which must not count as activity).
+pub async fn send_as(
+    core: &Core,
+    native: &str,
+    port: u16,
+    kind: TunnelKind,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, SendError> {
     let stream = core
-        .connect_port(native, port)
+        .connect_port_as(native, port, kind)
         .await
         .map_err(SendError::Connect)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -445,6 +458,10 @@ impl AgentCore {
             if let Probe::Ready = self.probe(&s.native, &s.target.protocol).await? {
                 self.inner.data.set_ready(&s.native, Some(started_at_ms));
                 tracing::info!(session = %s.native, port, "agentcore: agent ready");
+                self.inner
+                    .data
+                    .pollers
+                    .start(core, &s.native, port, started_at_ms);
                 return Ok(());
             }
             if events.is_none() {

@@ -9,6 +9,7 @@
 //! | `address.rs` | the `{runtime}` segment (ARN or id + `accountId`) and `qualifier` |
 //! | `sessions.rs` | runtime session id → native session; StopRuntimeSession |
 //! | `agent.rs` | code copy, the agent's shell, readiness (`GET /ping`), the HTTP client over a port tunnel |
+//! | `ping.rs` | `/ping` polling while the agent runs: `HealthyBusy` holds the session busy, `time_of_last_update` is noted |
 //! | `invoke.rs` | InvokeAgentRuntime and GetAgentCard: headers in, streamed body out |
 //! | `command.rs` | InvokeAgentRuntimeCommand as an event stream |
 //! | `eventstream.rs` | the AWS event-stream messages; UTF-8-safe output deltas |
@@ -18,6 +19,7 @@ pub(super) mod agent;
 mod command;
 mod eventstream;
 mod invoke;
+mod ping;
 mod sessions;
 
 use std::collections::HashMap;
@@ -80,6 +82,8 @@ pub(crate) struct DataState {
     locks: Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
     /// Native session → `started_at_ms` of the agent shell that answered `/ping`.
     ready: Mutex<HashMap<String, i64>>,
+    /// The `/ping` pollers of running agents.
+    pollers: ping::Pollers,
 }
 
 /// Holds a key's lock; the map entry goes when nobody else holds or awaits it.
