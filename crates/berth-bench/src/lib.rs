@@ -306,7 +306,7 @@ pub fn main_exec(args: Args) -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let machine = host::Machine::probe();
-    let date_utc = chrono_free_utc_now();
+    let date_utc = utc_now();
     let mut figures = Vec::new();
     let mut notes = Vec::new();
     // The guest images exist before the server starts; a built temp dir is removed
@@ -415,27 +415,11 @@ fn leaked_cgroups(prefix: &str, parents: &[String]) -> Vec<PathBuf> {
     left
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` from the system clock (civil-from-days, no extra crate).
-fn chrono_free_utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// `YYYY-MM-DDTHH:MM:SSZ` from the system clock.
+fn utc_now() -> String {
+    chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now())
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 #[cfg(test)]
@@ -475,7 +459,7 @@ mod tests {
 
     #[test]
     fn date_format() {
-        let d = chrono_free_utc_now();
+        let d = utc_now();
         assert_eq!(d.len(), 20, "{d}");
         assert!(d.starts_with("20"), "{d}");
     }
