@@ -51,6 +51,13 @@ impl Term {
     fn position(&self) -> u64 {
         self.offset() + self.live().len() as u64
     }
+    /// The last 2000 characters of the output (for failure messages: a flood is 40 MB).
+    fn tail(&self) -> String {
+        let text = self.text();
+        let start = text.floor_char_boundary(text.len().saturating_sub(2000));
+        text[start..].to_string()
+    }
+
     fn text(&self) -> String {
         String::from_utf8_lossy(self.live()).into_owned()
     }
@@ -99,25 +106,27 @@ impl Term {
         true
     }
 
-    /// Read until `done(self)` holds.
+    /// Read until `done(self)` holds. Fails after DEADLINE with no message at all, or
+    /// after ten DEADLINEs in all: a 40 MB flood on a loaded machine can take longer
+    /// than one DEADLINE while it keeps arriving.
     async fn until(&mut self, what: &str, done: impl Fn(&Term) -> bool) {
-        let deadline = Instant::now() + DEADLINE;
+        let overall = Instant::now() + DEADLINE * 10;
         while !done(self) {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = DEADLINE.min(overall.saturating_duration_since(Instant::now()));
             match tokio::time::timeout(left, self.pump()).await {
                 Ok(true) => {}
                 Ok(false) => {
                     assert!(
                         done(self),
-                        "connection ended while waiting for {what}; output: {:?}; statuses: {:?}",
-                        self.text(),
+                        "connection ended while waiting for {what}; output ends: {:?}; statuses: {:?}",
+                        self.tail(),
                         self.statuses
                     );
                     return;
                 }
                 Err(_) => panic!(
-                    "timed out waiting for {what}; output: {:?}; statuses: {:?}",
-                    self.text(),
+                    "timed out waiting for {what}; output ends: {:?}; statuses: {:?}",
+                    self.tail(),
                     self.statuses
                 ),
             }
