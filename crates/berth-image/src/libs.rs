@@ -38,22 +38,43 @@ pub struct Needed {
     pub source: PathBuf,
 }
 
+/// What the dynamic loader loads for a program: its interpreter (`PT_INTERP`) and the
+/// transitive closure of its `DT_NEEDED` libraries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Closure {
+    /// `None` for a static program.
+    pub interpreter: Option<Needed>,
+    /// Sorted by path; one entry per library name (the first place it is found).
+    pub libraries: Vec<Needed>,
+}
+
 /// The interpreter and the transitive closure of `DT_NEEDED` of `program`, sorted by
 /// path. A static program needs nothing.
 pub fn needed(program: &Path) -> Result<Vec<Needed>, LibsError> {
+    let closure = closure(program)?;
+    // The interpreter may also be listed as needed under another spelling; one copy
+    // per path is what matters.
+    let mut out: BTreeSet<Needed> = closure.libraries.into_iter().collect();
+    out.extend(closure.interpreter);
+    Ok(out.into_iter().collect())
+}
+
+/// [`needed`], with the interpreter apart: what a sandbox needs to run `program` on
+/// the host's loader whatever its own userland (the namespace driver's directory images).
+pub fn closure(program: &Path) -> Result<Closure, LibsError> {
     let search = search_dirs();
     let mut out: BTreeSet<Needed> = BTreeSet::new();
     let mut seen_names: BTreeSet<String> = BTreeSet::new();
     let mut queue: Vec<PathBuf> = vec![program.to_path_buf()];
     let root = Elf::open(program)?;
     let machine = root.machine;
-    if let Some(interp) = root.dynamic()?.interpreter {
+    let interpreter = root.dynamic()?.interpreter.map(|interp| {
         let interp = PathBuf::from(interp);
-        out.insert(Needed {
+        Needed {
             source: real(&interp),
             path: interp,
-        });
-    }
+        }
+    });
     while let Some(object) = queue.pop() {
         let dynamic = Elf::open(&object)?.dynamic()?;
         let origin = object.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -94,9 +115,10 @@ pub fn needed(program: &Path) -> Result<Vec<Needed>, LibsError> {
             });
         }
     }
-    // The interpreter may also be listed as needed under another spelling; one copy
-    // per path is what matters.
-    Ok(out.into_iter().collect())
+    Ok(Closure {
+        interpreter,
+        libraries: out.into_iter().collect(),
+    })
 }
 
 fn real(path: &Path) -> PathBuf {
@@ -208,6 +230,22 @@ mod tests {
                     .expect("source")
                     .file_type()
                     .is_symlink()));
+    }
+
+    #[test]
+    fn closure_keeps_the_interpreter_apart() {
+        let exe = std::env::current_exe().expect("exe");
+        let closure = closure(&exe).expect("closure");
+        let interp = closure.interpreter.clone().expect("a dynamic test binary");
+        assert!(closure
+            .libraries
+            .iter()
+            .any(|n| n.path.file_name() == Some(std::ffi::OsStr::new("libc.so.6"))));
+        let mut all = closure.libraries.clone();
+        all.push(interp);
+        all.sort();
+        all.dedup();
+        assert_eq!(all, needed(&exe).expect("needed"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! sequence and the data-dir layout are described in the crate's `README.md`.
 
 pub mod cgroup;
+pub mod guest;
 pub mod helper;
 pub mod init_process;
 pub mod paths;
@@ -25,6 +26,7 @@ use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxSt
 use berth_guest::client::Guest;
 
 use self::cgroup::SandboxCgroup;
+use self::guest::HostLoader;
 use self::helper::StartPlan;
 use self::init_process::InitProcess;
 use self::paths::{check_session_id, DataDir, SessionPaths};
@@ -53,7 +55,8 @@ pub struct NamespaceConfig {
     /// The server's data dir; the driver uses `workspaces/`, `run/` and `images/`.
     pub data_dir: PathBuf,
     /// The `berth` binary: run as `sandbox-helper`, and bind-mounted read-only into
-    /// every sandbox as the guest agent.
+    /// every sandbox as the guest agent (with the host's loader and its libraries in
+    /// directory images, see [`guest`]).
     pub berth_exe: PathBuf,
     /// First host uid/gid handed to sandboxes (default 1 000 000).
     pub uid_base: u32,
@@ -135,6 +138,9 @@ pub struct NamespaceDriver {
     /// Berth binary as seen by sandboxes (the configured one, or a copy in `images/`
     /// when the configured one is not reachable by unprivileged uids).
     guest_exe: PathBuf,
+    /// The host's loader and the agent's libraries for directory images; `None` when
+    /// the agent is static or they could not be resolved (it then runs as is).
+    host_loader: Option<HostLoader>,
     layout: HostLayout,
     etc_masked: Vec<String>,
     spares: Option<SpareWorker>,
@@ -220,12 +226,14 @@ fn prepare_dir(path: &Path, mode: u32) -> Result<(), NewDriverError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
 }
 
-/// Whether an unprivileged uid can reach `path` (every ancestor has o+x, file o+r).
-fn world_reachable(path: &Path) -> bool {
+/// Whether an unprivileged uid can reach `path` (every ancestor has o+x) and read it
+/// (o+r), and execute it (o+x) when `executed`.
+fn world_reachable(path: &Path, executed: bool) -> bool {
     let Ok(meta) = fs::metadata(path) else {
         return false;
     };
-    meta.mode() & 0o005 == 0o005
+    let need = if executed { 0o005 } else { 0o004 };
+    meta.mode() & need == need
         && path
             .ancestors()
             .skip(1)
@@ -269,7 +277,7 @@ impl NamespaceDriver {
         let layout = HostLayout::probe().map_err(NewDriverError::Skeleton)?;
         rootfs::ensure_skeleton(&data.host_skeleton(), &layout)
             .map_err(NewDriverError::Skeleton)?;
-        let guest_exe = if world_reachable(&config.berth_exe) {
+        let guest_exe = if world_reachable(&config.berth_exe, true) {
             config.berth_exe.clone()
         } else {
             let copy = data.images().join("berth");
@@ -282,6 +290,16 @@ impl NamespaceDriver {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(err)?;
             fs::rename(&tmp, &copy).map_err(err)?;
             copy
+        };
+        let host_loader = match HostLoader::resolve(&config.berth_exe, world_reachable) {
+            Ok(loader) => loader,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(e)),
+                    "the guest agent of directory images will run on the image's own libraries"
+                );
+                None
+            }
         };
         let etc_masked = rootfs::etc_secrets(Path::new("/etc"));
         if !cgroup::favors_dynmods() {
@@ -316,6 +334,7 @@ impl NamespaceDriver {
             config,
             data,
             guest_exe,
+            host_loader,
             layout,
             etc_masked,
             spares,
@@ -351,6 +370,11 @@ impl NamespaceDriver {
                 vec![]
             },
             berth_exe: self.guest_exe.clone(),
+            host_loader: if host {
+                None
+            } else {
+                self.host_loader.as_ref().map(HostLoader::current)
+            },
             sock_dir: paths.sock_dir(),
             workspace_source: paths.workspace(),
             etc_dir: paths.etc(),
@@ -380,6 +404,11 @@ impl NamespaceDriver {
             ("/etc/hostname".to_string(), true),
             (rt.workspace_path.clone(), false),
         ];
+        if !host {
+            for file in self.host_loader.iter().flat_map(HostLoader::files) {
+                targets.push((file.target.clone(), true));
+            }
+        }
         for m in &rt.mounts {
             targets.push((m.target.clone(), Path::new(&m.source).is_file()));
         }

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
+use super::guest::{self, HostLoader};
 use super::seccomp;
 
-/// Where the guest agent binary appears inside every sandbox.
-pub const GUEST_EXE: &str = "/.berth/berth";
+pub use super::guest::GUEST_EXE;
 /// Where the per-session socket dir appears inside every sandbox.
 pub const GUEST_SOCK_DIR: &str = "/run/berth";
 pub const GUEST_SOCK: &str = "/run/berth/guest.sock";
@@ -91,6 +91,9 @@ pub struct SpecInput {
     /// Secrets under the host dirs to hide (`/etc/shadow`…).
     pub masked: Vec<String>,
     pub berth_exe: PathBuf,
+    /// Run the agent on the host's loader and libraries (directory images; `None`
+    /// for `host` and for a static agent), see [`guest`].
+    pub host_loader: Option<HostLoader>,
     pub sock_dir: PathBuf,
     pub workspace_source: PathBuf,
     /// Per-session `/etc/hosts` and `/etc/hostname` (the host's name the sandbox's).
@@ -182,6 +185,12 @@ fn mounts(input: &SpecInput) -> Vec<Value> {
         json!({"destination": GUEST_EXE, "type": "bind", "source": input.berth_exe,
                   "options": ["bind", "ro", "nosuid", "nodev"]}),
     );
+    for file in input.host_loader.iter().flat_map(HostLoader::files) {
+        m.push(
+            json!({"destination": file.target, "type": "bind", "source": file.source,
+                      "options": ["bind", "ro", "nosuid", "nodev"]}),
+        );
+    }
     m.push(bind(
         &input.workspace_source,
         &input.workspace_path,
@@ -230,7 +239,7 @@ pub fn config(input: &SpecInput) -> Value {
         "process": {
             "terminal": false,
             "user": {"uid": 0, "gid": 0},
-            "args": [GUEST_EXE, "guest", "--listen", GUEST_SOCK],
+            "args": guest::argv(input.host_loader.as_ref(), GUEST_SOCK),
             "env": env_list(input),
             "cwd": "/",
             "capabilities": {
@@ -272,6 +281,7 @@ mod tests {
             host_dirs: vec!["/usr".into(), "/etc".into()],
             masked: vec!["/etc/shadow".into()],
             berth_exe: "/opt/berth".into(),
+            host_loader: None,
             sock_dir: "/d/run/s/sock".into(),
             workspace_source: "/d/run/s/workspace".into(),
             etc_dir: "/d/run/s/etc".into(),
@@ -330,6 +340,51 @@ mod tests {
         assert!(pos("/etc") < pos("/etc/hosts"));
         assert!(pos("/mnt/workspace") < pos("/skills"));
         assert_eq!(pos("/proc"), 0);
+    }
+
+    #[test]
+    fn a_host_loader_is_mounted_read_only_and_runs_the_agent() {
+        let mut i = input();
+        let ld = "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+        i.host_loader = Some(HostLoader {
+            loader: guest::GuestFile {
+                host: "/lib64/ld-linux-x86-64.so.2".into(),
+                source: ld.into(),
+                target: "/.berth/ld-linux-x86-64.so.2".into(),
+            },
+            libraries: vec![guest::GuestFile {
+                host: "/lib/x86_64-linux-gnu/libc.so.6".into(),
+                source: "/lib/x86_64-linux-gnu/libc.so.6".into(),
+                target: "/.berth/lib/libc.so.6".into(),
+            }],
+        });
+        let spec: Spec = serde_json::from_value(config(&i)).expect("valid OCI");
+        let args = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().clone())
+            .expect("args");
+        assert_eq!(args[0], "/.berth/ld-linux-x86-64.so.2");
+        assert_eq!(&args[4..6], [GUEST_EXE, "guest"]);
+        let mounts = spec.mounts().as_ref().expect("mounts");
+        for (target, source) in [
+            ("/.berth/ld-linux-x86-64.so.2", ld),
+            ("/.berth/lib/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"),
+        ] {
+            let m = mounts
+                .iter()
+                .find(|m| m.destination() == std::path::Path::new(target))
+                .expect(target);
+            assert_eq!(m.source().as_deref(), Some(std::path::Path::new(source)));
+            let options = m.options().as_ref().expect("options");
+            assert!(options.contains(&"ro".to_string()), "{options:?}");
+        }
+        let plain = config(&input());
+        assert_eq!(plain["process"]["args"][0], GUEST_EXE);
+        assert_eq!(
+            plain["mounts"].as_array().map(Vec::len),
+            Some(mounts.len() - 2)
+        );
     }
 
     #[test]
