@@ -3,7 +3,9 @@
 //! A request is accepted when it carries a SigV4 signature (header or presigned query)
 //! made with an access key from `berth access-key create`, scoped to the
 //! `bedrock-agentcore` service that both AgentCore models sign as, or Berth's own bearer
-//! token. A refusal is an [`AwsError`] with the code AWS itself uses, so botocore raises
+//! token: in `Authorization`, or, for a WebSocket upgrade (the SDK's OAuth mode, which
+//! browsers need), as the subprotocol `base64UrlBearerAuthorization.<base64url token>`
+//! (the handler then answers with the subprotocol `base64UrlBearerAuthorization`). A refusal is an [`AwsError`] with the code AWS itself uses, so botocore raises
 //! a `ClientError` whose `Error.Code` says what is wrong.
 
 use std::time::SystemTime;
@@ -38,6 +40,29 @@ pub fn bearer_ok(state: &AppState, headers: &HeaderMap) -> bool {
         .is_some_and(|t| state.tokens.contains(t.trim()))
 }
 
+/// The subprotocol the AgentCore SDK's OAuth mode offers beside the one carrying the
+/// token; a server that accepts the token answers with it (§8).
+pub const BEARER_SUBPROTOCOL: &str = "base64UrlBearerAuthorization";
+
+/// A bearer token offered as the WebSocket subprotocol
+/// `base64UrlBearerAuthorization.<base64url(token), no padding>`: `None` when none is
+/// offered, `Some(None)` when one is but does not decode to text.
+fn subprotocol_token(headers: &HeaderMap) -> Option<Option<String>> {
+    use base64::Engine as _;
+    let prefix = format!("{BEARER_SUBPROTOCOL}.");
+    let encoded = headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(prefix.as_str()))?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    Some(token)
+}
+
 fn has_bearer(headers: &HeaderMap) -> bool {
     headers
         .get(axum::http::header::AUTHORIZATION)
@@ -57,6 +82,11 @@ pub async fn require_credentials(
     }
     if has_bearer(req.headers()) {
         return AwsError::unauthenticated().into_response();
+    }
+    match subprotocol_token(req.headers()) {
+        Some(Some(token)) if state.tokens.contains(token.trim()) => return next.run(req).await,
+        Some(_) => return AwsError::unauthenticated().into_response(),
+        None => {}
     }
     let (parts, body) = req.into_parts();
     // The payload hash is part of what the client signed and botocore sends no
@@ -106,4 +136,37 @@ fn refusal(e: &sigv4::SigV4Error) -> AwsError {
         | ErrorKind::SignatureMismatch => (403, "InvalidSignatureException"),
     };
     AwsError::new(ErrorShape::Other { status, code }, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn tokens_offered_as_a_websocket_subprotocol() {
+        let mut h = HeaderMap::new();
+        assert_eq!(subprotocol_token(&h), None);
+        // What the SDK's connect_shell_oauth offers for the token "berth-token?".
+        h.insert(
+            axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(
+                "base64UrlBearerAuthorization.YmVydGgtdG9rZW4_, base64UrlBearerAuthorization",
+            ),
+        );
+        assert_eq!(subprotocol_token(&h), Some(Some("berth-token?".into())));
+        h.insert(
+            axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("base64UrlBearerAuthorization.!!!"),
+        );
+        assert_eq!(subprotocol_token(&h), Some(None));
+        h.insert(
+            axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("v5.channel.k8s.io, base64UrlBearerAuthorization"),
+        );
+        assert_eq!(subprotocol_token(&h), None);
+    }
 }

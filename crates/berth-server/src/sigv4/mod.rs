@@ -215,6 +215,10 @@ pub struct Signed {
     signature: [u8; 32],
     /// The canonical request up to and including the signed-headers line and its `\n`.
     canonical_head: Vec<u8>,
+    /// A presigned URL's canonical head with the `host` the way botocore's
+    /// `SigV4QueryAuth` signs it (the URL's hostname, no port: S13), when the `Host`
+    /// header the request arrived with differs from that.
+    hostname_head: Option<Vec<u8>>,
     /// Payload hashes to try, in order; more than one only for presigned URLs.
     payload_candidates: Vec<String>,
 }
@@ -313,9 +317,12 @@ impl Signed {
             self.credential.date, self.credential.region, self.credential.service
         );
         let time = format_amz_date(self.request_time);
-        for payload in &self.payload_candidates {
+        let heads = std::iter::once(&self.canonical_head).chain(self.hostname_head.as_ref());
+        for (head, payload) in
+            heads.flat_map(|h| self.payload_candidates.iter().map(move |p| (h, p)))
+        {
             let mut canonical = Sha256::new();
-            canonical.update(&self.canonical_head);
+            canonical.update(head);
             canonical.update(payload.as_bytes());
             let string_to_sign = format!(
                 "{ALGORITHM}\n{time}\n{scope}\n{}",
@@ -454,6 +461,7 @@ fn parse_header_form(
         signed_headers,
         signature,
         canonical_head,
+        hostname_head: None,
         payload_candidates: vec![payload],
     })
 }
@@ -514,11 +522,22 @@ fn parse_presigned(req: &Request<'_>, params: &[QueryParam]) -> Result<Signed, S
             UNSIGNED_PAYLOAD.to_string(),
         ],
     };
-    let canonical_head = canonical_head(
-        req,
-        canonical_query(params, Some(SIGNATURE_PARAM)),
-        &signed_headers,
-    )?;
+    let query = canonical_query(params, Some(SIGNATURE_PARAM));
+    let head = canonical_head(req, query.clone(), &signed_headers)?;
+    // The AgentCore SDK presigns with `host` = the URL's hostname, without the port the
+    // client then puts in `Host` (S13). The port is not part of what was signed, so a
+    // URL signed that way is accepted too (the host name itself still is).
+    let hostname_head = match request_host(req).and_then(hostname_of) {
+        Some(hostname) => {
+            let headers = with_host(req.headers, &hostname)?;
+            let alt = Request {
+                headers: &headers,
+                ..*req
+            };
+            Some(canonical_head(&alt, query, &signed_headers)?).filter(|h| *h != head)
+        }
+        None => None,
+    };
     Ok(Signed {
         credential,
         request_time,
@@ -526,7 +545,8 @@ fn parse_presigned(req: &Request<'_>, params: &[QueryParam]) -> Result<Signed, S
         security_token,
         signed_headers,
         signature,
-        canonical_head,
+        canonical_head: head,
+        hostname_head,
         payload_candidates,
     })
 }
@@ -636,8 +656,48 @@ fn header_time(headers: &HeaderMap) -> Result<i64, SigV4Error> {
     ))
 }
 
+/// The request's host as received: the `Host` header (sent twice, both the same), else
+/// the URI's authority. `None` for two different `Host` headers.
+fn request_host<'a>(req: &Request<'a>) -> Option<&'a str> {
+    let mut values = req.headers.get_all(axum::http::header::HOST).iter();
+    match values.next() {
+        Some(first) if values.all(|v| v == first) => first.to_str().ok(),
+        Some(_) => None,
+        None => req.authority,
+    }
+}
+
+/// What Python's `urlparse(url).hostname` gives for a `host[:port]`: the port and the
+/// brackets of an IPv6 literal dropped, lower-cased. `None` when that is the host as is.
+fn hostname_of(host: &str) -> Option<String> {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split_once(']').map_or(rest, |(addr, _)| addr)
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let name = name.to_ascii_lowercase();
+    (name != host && !name.is_empty()).then_some(name)
+}
+
+/// `headers` with `Host` replaced by `host`.
+fn with_host(headers: &HeaderMap, host: &str) -> Result<HeaderMap, SigV4Error> {
+    let mut headers = headers.clone();
+    let value = axum::http::HeaderValue::from_str(host)
+        .map_err(|_| malformed("the Host header is not a valid host name"))?;
+    headers.insert(axum::http::header::HOST, value);
+    Ok(headers)
+}
+
 /// Method, path, query, canonical headers, blank line, signed headers, each followed by
 /// `\n`; the payload hash comes last.
+///
+/// A `Host` header sent twice with the same value counts once: the AgentCore SDK's
+/// shell client signs one `host` and then sends it both from its WebSocket library and
+/// from its own headers (B3). Two different values stay joined, and fail to verify.
 fn canonical_head(
     req: &Request<'_>,
     query: String,
@@ -654,7 +714,14 @@ fn canonical_head(
         out.extend_from_slice(name.as_bytes());
         out.push(b':');
         let values = req.headers.get_all(name.as_str());
-        if values.iter().next().is_some() {
+        let mut iter = values.iter();
+        if let (true, Some(first)) = (name == "host", iter.next()) {
+            if iter.all(|v| v == first) {
+                canonical_header_value(std::iter::once(first.as_bytes()), &mut out);
+            } else {
+                canonical_header_value(values.iter().map(|v| v.as_bytes()), &mut out);
+            }
+        } else if values.iter().next().is_some() {
             canonical_header_value(values.iter().map(|v| v.as_bytes()), &mut out);
         } else if let (true, Some(authority)) = (name == "host", req.authority) {
             canonical_header_value(std::iter::once(authority.as_bytes()), &mut out);

@@ -848,3 +848,69 @@ fn secrets_do_not_show_in_debug() {
     assert!(!format!("{s:?}").contains("wJal"));
     assert_eq!(s.expose(), "wJalrXUtnFEMI");
 }
+
+#[test]
+fn a_host_header_sent_twice_with_one_value_counts_once() {
+    // The SDK's shell client signs `host` once and sends `Host` twice (B3).
+    let mut o = BOTOCORE[0].owned();
+    o.headers
+        .append("host", HeaderValue::from_static("127.0.0.1:7878"));
+    assert_eq!(o.headers.get_all("host").iter().count(), 2);
+    o.verify(BOTO_KEY, BOTO_SECRET, AGENTCORE, BOTO_TIME)
+        .unwrap();
+    // Two different hosts are not one host.
+    let mut o = BOTOCORE[0].owned();
+    o.headers
+        .append("host", HeaderValue::from_static("evil.example:7878"));
+    let err = o
+        .verify(BOTO_KEY, BOTO_SECRET, AGENTCORE, BOTO_TIME)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SignatureMismatch);
+}
+
+#[test]
+fn presigned_urls_sign_the_hostname_without_the_port() {
+    // `_presign` signs `host` = urlparse(url).hostname; the client then sends `Host`
+    // with the port (S13).
+    let ws = BOTOCORE.iter().find(|v| v.name == "presigned_ws").unwrap();
+    for host in [
+        "bedrock-agentcore.us-east-1.amazonaws.com:8443",
+        "Bedrock-AgentCore.us-east-1.amazonaws.com:443",
+    ] {
+        let mut o = ws.owned();
+        o.set_header("host", host);
+        o.verify(BOTO_KEY, BOTO_SECRET, AGENTCORE, BOTO_TIME)
+            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        // Sent twice, as a WebSocket client with extra headers may.
+        o.headers
+            .append("host", HeaderValue::from_str(host).unwrap());
+        o.verify(BOTO_KEY, BOTO_SECRET, AGENTCORE, BOTO_TIME)
+            .unwrap_or_else(|e| panic!("{host} twice: {e}"));
+    }
+    // The host name itself is still signed.
+    let mut o = ws.owned();
+    o.set_header("host", "other.us-east-1.amazonaws.com:8443");
+    let err = o
+        .verify(BOTO_KEY, BOTO_SECRET, AGENTCORE, BOTO_TIME)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SignatureMismatch);
+    // Header-signed requests sign the host with its port (netloc): no second try.
+    let mut o = BOTOCORE[0].owned();
+    o.set_header("host", "127.0.0.1");
+    let err = o
+        .verify(BOTO_KEY, BOTO_SECRET, AGENTCORE, BOTO_TIME)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SignatureMismatch);
+}
+
+#[test]
+fn hostnames_as_python_urlparse_gives_them() {
+    assert_eq!(
+        hostname_of("example.com:8443").as_deref(),
+        Some("example.com")
+    );
+    assert_eq!(hostname_of("Example.COM").as_deref(), Some("example.com"));
+    assert_eq!(hostname_of("[::1]:8443").as_deref(), Some("::1"));
+    assert_eq!(hostname_of("example.com"), None);
+    assert_eq!(hostname_of(":8443"), None);
+}

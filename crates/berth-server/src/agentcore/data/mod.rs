@@ -13,6 +13,8 @@
 //! | `invoke.rs` | InvokeAgentRuntime and GetAgentCard: headers in, streamed body out |
 //! | `command.rs` | InvokeAgentRuntimeCommand as an event stream |
 //! | `eventstream.rs` | the AWS event-stream messages; UTF-8-safe output deltas |
+//! | `shells.rs` | interactive shells over `/ws/shells` (the SDK's `open_shell`) |
+//! | `ws.rs` | the agent's WebSocket: `/ws` proxied to the agent's `/ws` |
 
 mod address;
 pub(super) mod agent;
@@ -21,6 +23,8 @@ mod eventstream;
 mod invoke;
 mod ping;
 mod sessions;
+mod shells;
+mod ws;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -73,6 +77,8 @@ pub(super) fn routes() -> Router<AppState> {
             "/{runtime}/stopruntimesession",
             post(sessions::stop).fallback(unknown),
         )
+        .route("/{runtime}/ws", get(ws::agent_ws).fallback(unknown))
+        .route("/{runtime}/ws/shells", get(shells::shell).fallback(unknown))
 }
 
 /// What the data plane keeps in memory: one lock per native session (so that only one
@@ -82,6 +88,8 @@ pub(crate) struct DataState {
     locks: Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
     /// Native session → `started_at_ms` of the agent shell that answered `/ping`.
     ready: Mutex<HashMap<String, i64>>,
+    /// The clients attached to shells over `/ws/shells` (the newest of a shell wins).
+    shell_clients: shells::Clients,
     /// The `/ping` pollers of running agents.
     pollers: ping::Pollers,
 }

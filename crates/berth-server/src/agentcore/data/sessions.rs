@@ -59,6 +59,10 @@ pub fn session_id(headers: &HeaderMap, generate: bool) -> Result<String, AwsErro
     let value = value
         .to_str()
         .map_err(|_| AwsError::field("runtimeSessionId", "must be printable ASCII"))?;
+    check_session_id(value)
+}
+
+fn check_session_id(value: &str) -> Result<String, AwsError> {
     let n = value.chars().count();
     if !(SESSION_ID_MIN..=SESSION_ID_MAX).contains(&n) {
         return Err(AwsError::field(
@@ -67,6 +71,25 @@ pub fn session_id(headers: &HeaderMap, generate: bool) -> Result<String, AwsErro
         ));
     }
     Ok(value.to_string())
+}
+
+/// The runtime session id of a WebSocket upgrade: the header, else the query parameter
+/// of the same name (presigned URLs and the OAuth mode put it there, since browsers
+/// cannot set headers), else a new uuid4.
+pub fn ws_session_id(
+    headers: &HeaderMap,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<String, AwsError> {
+    if headers.contains_key(SESSION_HEADER) {
+        return session_id(headers, true);
+    }
+    match query
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(SESSION_HEADER))
+    {
+        Some((_, v)) => check_session_id(v),
+        None => Ok(new_id()),
+    }
 }
 
 /// A runtime session, open on its native session.
@@ -294,6 +317,26 @@ mod tests {
         assert_eq!(session_id(&h, false).unwrap(), "a".repeat(33));
         h.insert(SESSION_HEADER, "a".repeat(257).parse().unwrap());
         assert!(session_id(&h, false).is_err());
+    }
+
+    #[test]
+    fn websocket_session_ids_come_from_the_header_or_the_query() {
+        let mut q = std::collections::HashMap::new();
+        let mut h = HeaderMap::new();
+        assert_eq!(ws_session_id(&h, &q).unwrap().len(), 36);
+        q.insert(
+            "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id".to_string(),
+            "q".repeat(33),
+        );
+        assert_eq!(ws_session_id(&h, &q).unwrap(), "q".repeat(33));
+        h.insert(SESSION_HEADER, "h".repeat(33).parse().unwrap());
+        assert_eq!(ws_session_id(&h, &q).unwrap(), "h".repeat(33));
+        h.clear();
+        q.insert(
+            "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id".to_string(),
+            "short".into(),
+        );
+        assert!(ws_session_id(&h, &q).is_err());
     }
 
     #[test]
