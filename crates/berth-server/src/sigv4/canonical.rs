@@ -165,108 +165,33 @@ pub(crate) fn canonical_header_value<'v>(
 
 // ---- time ----
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn digits(s: &str) -> Option<i64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
-fn unix_seconds(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64) -> Option<i64> {
-    let days_in_month = match mo {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        2 => 28,
-        _ => return None,
-    };
-    if !(1..=days_in_month).contains(&d) || h > 23 || mi > 59 || s > 60 {
-        return None;
-    }
-    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s)
-}
-
 /// `20150830T123600Z` (the SigV4 timestamp) as unix seconds.
 pub(crate) fn parse_amz_date(s: &str) -> Option<i64> {
+    // chrono would also take shorter fields and signs; the layout is fixed.
     let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    let digits_at = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !digits_at(0..8) || !digits_at(9..15) {
         return None;
     }
-    unix_seconds(
-        digits(&s[0..4])?,
-        digits(&s[4..6])?,
-        digits(&s[6..8])?,
-        digits(&s[9..11])?,
-        digits(&s[11..13])?,
-        digits(&s[13..15])?,
-    )
+    chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ")
+        .ok()
+        .map(|t| t.and_utc().timestamp())
 }
 
 /// Unix seconds as a SigV4 timestamp, `20150830T123600Z`.
 pub(crate) fn format_amz_date(secs: i64) -> String {
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let rem = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    chrono::DateTime::from_timestamp(secs, 0)
+        .unwrap_or_default()
+        .format("%Y%m%dT%H%M%SZ")
+        .to_string()
 }
 
 /// An HTTP `Date` header (`Sun, 30 Aug 2015 12:36:00 GMT`, or `-0000`/`+0000` as Python's
 /// `email.utils.formatdate` writes it, which botocore uses when a request has a `Date`).
+/// Only UTC is accepted, as AWS does.
 pub(crate) fn parse_http_date(s: &str) -> Option<i64> {
-    let rest = s.trim().split_once(", ").map_or(s.trim(), |(_, r)| r);
-    let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let [day, month, year, time, zone] = parts.as_slice() else {
-        return None;
-    };
-    if !matches!(*zone, "GMT" | "UTC" | "-0000" | "+0000") {
-        return None;
-    }
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| m == month)? as i64 + 1;
-    let hms: Vec<&str> = time.split(':').collect();
-    let [h, mi, sec] = hms.as_slice() else {
-        return None;
-    };
-    if year.len() != 4 || h.len() != 2 || mi.len() != 2 || sec.len() != 2 {
-        return None;
-    }
-    unix_seconds(
-        digits(year)?,
-        month,
-        digits(day)?,
-        digits(h)?,
-        digits(mi)?,
-        digits(sec)?,
-    )
+    let t = chrono::DateTime::parse_from_rfc2822(s.trim()).ok()?;
+    (t.offset().local_minus_utc() == 0).then(|| t.timestamp())
 }
 
 #[cfg(test)]
