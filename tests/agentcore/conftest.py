@@ -30,6 +30,8 @@ ACCOUNT = "123456789012"
 # The SDK's shell client only accepts AWS host names; tests resolve this one to
 # 127.0.0.1 in-process (see `aws_hostname`).
 AWS_HOST = f"berth-test.{REGION}.amazonaws.com"
+# CreateAgentRuntime requires a role; Berth echoes it and assumes nothing.
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/berth-test"
 DEADLINE = 120.0
 
 
@@ -42,8 +44,9 @@ def free_port() -> int:
 class Berth:
     """A running `berth server` and what a client needs to reach it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, extra_args=()):
         self.root = root
+        self.extra_args = list(extra_args)
         self.data_dir = root / "data"
         self.log_path = root / "server.log"
         self.port = free_port()
@@ -65,6 +68,7 @@ class Berth:
                 "--region", REGION,
                 "--account-id", ACCOUNT,
                 "--tls-san", AWS_HOST,
+                *self.extra_args,
             ],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             env={**os.environ, "RUST_LOG": "info"},
@@ -138,8 +142,8 @@ class Berth:
         path.write_bytes(data)
 
 
-@pytest.fixture(scope="module")
-def berth():
+def start_berth(extra_args=()):
+    """A server in a fresh temp dir (a generator: yields it, then stops and removes it)."""
     if os.geteuid() != 0:
         pytest.skip("the Berth server needs root (namespaces, cgroups, loop devices)")
     if not os.path.exists(BERTH):
@@ -148,12 +152,17 @@ def berth():
     # mkdtemp makes it 0700, which the sandboxes' mapped users cannot traverse to reach
     # their root filesystems under the data dir: every session would fail to start.
     root.chmod(0o755)
-    server = Berth(root)
+    server = Berth(root, extra_args)
     try:
         yield server
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def berth():
+    yield from start_berth()
 
 
 @pytest.fixture(scope="module")

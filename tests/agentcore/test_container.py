@@ -31,11 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ACCOUNT, BERTH, DEADLINE, wait_status
+from conftest import BERTH, DEADLINE, ROLE, wait_status
 from test_data_plane import host_python, sid, vendored
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/berth-test"
 REPO = "agents/py"
 DEPS = "/opt/agent-deps"
 AGENT = '''import os

@@ -6,9 +6,8 @@ import uuid
 import botocore.exceptions
 import pytest
 
-from conftest import ACCOUNT, REGION, wait_status, zip_of
+from conftest import ACCOUNT, REGION, ROLE, wait_status, zip_of
 
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/berth-test"
 AGENT = """
 from bedrock_agentcore import BedrockAgentCoreApp
 app = BedrockAgentCoreApp()

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ACCOUNT, REGION, REPO, wait_status
+from conftest import REGION, REPO, ROLE, wait_status
 
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/berth-test"
 PACKAGE = "bedrock-agentcore==1.25.0"
 AGENT = '''import os
 import time

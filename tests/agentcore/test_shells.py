@@ -21,10 +21,9 @@ import zipfile
 
 import pytest
 
-from conftest import ACCOUNT, AWS_HOST, DEADLINE, REGION, wait_status
+from conftest import AWS_HOST, DEADLINE, REGION, ROLE, wait_status
 from test_data_plane import host_python, vendored
 
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/berth-test"
 WS_AGENT = '''from bedrock_agentcore import BedrockAgentCoreApp
 
 app = BedrockAgentCoreApp()
