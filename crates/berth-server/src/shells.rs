@@ -2,48 +2,26 @@
 //! translates `v5.channel.k8s.io` messages (`berth_api::shell`) to and from a core
 //! [`ShellAttachment`].
 //!
-//! One attachment = two halves. A reader task decodes the client's messages: stdin and
-//! resizes go to the guest, heartbeats are echoed (and count as session activity), bad
-//! messages are answered with a `BadRequest` status. The writer (the upgrade's own task)
-//! forwards guest output and the reader's replies, in order, to the socket. Whoever
-//! ends the attachment first (the shell exiting, the client leaving, a fatal frame) ends
-//! both; dropping the core's `ShellEvents` detaches from the guest and releases the
-//! session's busy guard.
+//! The WebSocket itself is [`pump`], shared with AgentCore's shells; [`Native`] is this
+//! route's dialect of it (every report a `metav1.Status` on channel 3).
 
-use std::time::Duration;
+pub(crate) mod pump;
 
-use axum::body::{Body, Bytes};
-use axum::extract::ws::{
-    rejection::WebSocketUpgradeRejection, CloseFrame, Message, WebSocket, WebSocketUpgrade,
-};
+use axum::body::Body;
+use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_api::shell::{
-    self, channel, parse_client_frame, reason, status_frame, stdout_frames, AttachQuery,
-    ClientFrame, ClientFrameError, OpenShell, ShellInfo, ShellStatus,
+    self, channel, reason, status_frame, AttachQuery, OpenShell, ShellInfo, ShellStatus,
 };
 use berth_api::ErrorCode;
-use berth_core::{CoreError, NoticeKind, ShellAttachment, ShellEvent, ShellInputs};
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use berth_core::{CoreError, NoticeKind, ShellAttachment};
+use futures::StreamExt;
 
 use crate::extract::{ApiJson, ApiQuery};
 use crate::{AppError, AppState};
-
-/// What the transport accepts before our own 64 KiB rule: a message between the two
-/// limits is answered with a `BadRequest` status and close 1009; a larger one fails in
-/// the WebSocket layer and gets the same close without reading it whole.
-const TRANSPORT_LIMIT: usize = 1 << 20;
-/// How long to wait for the client to answer our close frame.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-const CLOSE_NORMAL: u16 = 1000;
-const CLOSE_INTERNAL: u16 = 1011;
-const CLOSE_TOO_BIG: u16 = 1009;
-const CLOSE_TRY_AGAIN: u16 = 1013;
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/shells", params(("id" = String, Path)), request_body = OpenShell,
     responses((status = 201, body = ShellInfo), (status = 400, body = berth_api::ErrorBody),
@@ -174,8 +152,8 @@ pub(crate) async fn attach_shell(
     let header_value = HeaderValue::from_bytes(attachment.attached.shell_id.as_bytes()).ok();
     let mut resp = ws
         .protocols([shell::SUBPROTOCOL])
-        .max_message_size(TRANSPORT_LIMIT)
-        .max_frame_size(TRANSPORT_LIMIT)
+        .max_message_size(pump::TRANSPORT_LIMIT)
+        .max_frame_size(pump::TRANSPORT_LIMIT)
         .on_upgrade(move |socket| serve(socket, attachment));
     if let Some(v) = header_value {
         resp.headers_mut().insert(shell::SHELL_ID_HEADER, v);
@@ -183,197 +161,58 @@ pub(crate) async fn attach_shell(
     Ok(resp)
 }
 
-/// What the reader asks the writer to do.
-enum Ctl {
-    Send(Vec<u8>),
-    Close(u16, String),
-}
+/// The native dialect: every report is a `metav1.Status` on channel 3.
+struct Native;
 
-type Sink = SplitSink<WebSocket, Message>;
+impl pump::Dialect for Native {
+    const TOO_SLOW_CLOSE: &'static str = "client too slow; reattach with the offset";
+    const FAILED_CLOSE: &'static str = "attachment failed";
 
-async fn send(sink: &mut Sink, msg: Vec<u8>) -> bool {
-    sink.send(Message::Binary(Bytes::from(msg))).await.is_ok()
-}
+    fn rejected(message: String) -> Vec<u8> {
+        status_frame(&ShellStatus::failure(reason::BAD_REQUEST, message))
+    }
 
-async fn close(sink: &mut Sink, code: u16, why: String) {
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: why.into(),
-        })))
-        .await;
+    fn heartbeat(payload: &[u8]) -> Vec<u8> {
+        shell::frame(channel::HEARTBEAT, payload)
+    }
+
+    fn notice(kind: NoticeKind, message: String) -> Vec<u8> {
+        let reason = match kind {
+            NoticeKind::Forbidden => reason::FORBIDDEN,
+            NoticeKind::BadRequest => reason::BAD_REQUEST,
+        };
+        status_frame(&ShellStatus::failure(reason, message))
+    }
+
+    fn exited(code: Option<i32>, signal: Option<i32>) -> Vec<u8> {
+        status_frame(&ShellStatus::exited(code, signal))
+    }
+
+    fn too_slow(offset: u64, message: String) -> Vec<u8> {
+        let mut st = ShellStatus::failure(reason::TOO_SLOW, message);
+        st.metadata.offset = Some(offset);
+        status_frame(&st)
+    }
+
+    fn failed(message: String) -> Vec<u8> {
+        status_frame(&ShellStatus::failure(reason::INTERNAL_ERROR, message))
+    }
 }
 
 /// Drive one attachment until the shell exits or the client leaves.
 async fn serve(socket: WebSocket, attachment: ShellAttachment) {
-    let ShellAttachment {
-        attached,
-        inputs,
-        mut events,
-    } = attachment;
-    let (mut sink, stream) = socket.split();
-    let snapshot = attached.snapshot.unwrap_or_default();
+    let attached = &attachment.attached;
     let first = ShellStatus::attached(
         &attached.shell_id,
         attached.reconnected,
         attached.offset,
-        snapshot.len() as u64,
+        attached.snapshot.as_ref().map_or(0, |s| s.len()) as u64,
     );
-    let mut ok = send(&mut sink, status_frame(&first)).await;
-    for msg in stdout_frames(&snapshot) {
-        ok = ok && send(&mut sink, msg).await;
-    }
-    if !ok {
-        return;
-    }
-
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Ctl>(16);
-    let mut reader = tokio::spawn(read_client(stream, inputs, ctl_tx));
-    let mut closed_by_us = false;
-    loop {
-        tokio::select! {
-            biased;
-            ctl = ctl_rx.recv() => match ctl {
-                Some(Ctl::Send(msg)) => {
-                    if !send(&mut sink, msg).await {
-                        break;
-                    }
-                }
-                Some(Ctl::Close(code, why)) => {
-                    close(&mut sink, code, why).await;
-                    closed_by_us = true;
-                    break;
-                }
-                // The client went away.
-                None => break,
-            },
-            event = events.next() => {
-                let Some(event) = event else { break };
-                let (status, close_with) = match event {
-                    ShellEvent::Output { data, .. } => {
-                        let mut ok = true;
-                        for msg in stdout_frames(&data) {
-                            ok = ok && send(&mut sink, msg).await;
-                        }
-                        if !ok {
-                            break;
-                        }
-                        continue;
-                    }
-                    ShellEvent::Notice { kind, message } => {
-                        let reason = match kind {
-                            NoticeKind::Forbidden => reason::FORBIDDEN,
-                            NoticeKind::BadRequest => reason::BAD_REQUEST,
-                        };
-                        (ShellStatus::failure(reason, message), None)
-                    }
-                    ShellEvent::Exited { code, signal } => (
-                        ShellStatus::exited(code, signal),
-                        Some((CLOSE_NORMAL, "shell exited")),
-                    ),
-                    ShellEvent::TooSlow { offset, message } => {
-                        let mut st = ShellStatus::failure(reason::TOO_SLOW, message);
-                        st.metadata.offset = Some(offset);
-                        (st, Some((CLOSE_TRY_AGAIN, "client too slow; reattach with the offset")))
-                    }
-                    ShellEvent::Failed(err) => (
-                        ShellStatus::failure(reason::INTERNAL_ERROR, err.message),
-                        Some((CLOSE_INTERNAL, "attachment failed")),
-                    ),
-                };
-                if !send(&mut sink, status_frame(&status)).await {
-                    break;
-                }
-                if let Some((code, why)) = close_with {
-                    close(&mut sink, code, why.to_string()).await;
-                    closed_by_us = true;
-                    break;
-                }
-            }
-        }
-    }
-    // Detach from the guest (and release the busy guard) now, not after the close grace.
-    drop(events);
-    if closed_by_us {
-        // Let the client answer the close so the handshake completes.
-        let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
-    }
-    reader.abort();
-}
-
-/// Decode the client's messages until it closes or goes away.
-async fn read_client(
-    mut stream: SplitStream<WebSocket>,
-    inputs: ShellInputs,
-    ctl: mpsc::Sender<Ctl>,
-) {
-    let bad = |message: String| {
-        Ctl::Send(status_frame(&ShellStatus::failure(
-            reason::BAD_REQUEST,
-            message,
-        )))
-    };
-    // After asking the writer to close, only wait for the client's close.
-    let mut closing = false;
-    while let Some(msg) = stream.next().await {
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(err) => {
-                if !closing {
-                    // Most likely a message over the transport limit.
-                    let why = format!("message rejected: {err}");
-                    let _ = ctl.send(bad(why)).await;
-                    let _ = ctl
-                        .send(Ctl::Close(CLOSE_TOO_BIG, "message too big".into()))
-                        .await;
-                }
-                break;
-            }
-        };
-        if closing {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-            continue;
-        }
-        let reply = match msg {
-            Message::Binary(data) => match parse_client_frame(&data) {
-                Ok(ClientFrame::Stdin(_)) => {
-                    // A send fails only once the shell's attachment is over; the writer
-                    // reports why.
-                    let _ = inputs.stdin(data.slice(1..)).await;
-                    None
-                }
-                Ok(ClientFrame::Resize(size)) => {
-                    let _ = inputs.resize(size.width, size.height).await;
-                    None
-                }
-                Ok(ClientFrame::Heartbeat(payload)) => {
-                    inputs.heartbeat();
-                    Some(Ctl::Send(shell::frame(channel::HEARTBEAT, payload)))
-                }
-                Ok(ClientFrame::Close) => {
-                    closing = true;
-                    Some(Ctl::Close(CLOSE_NORMAL, "detached".into()))
-                }
-                Err(err @ ClientFrameError::TooLarge(_)) => {
-                    closing = true;
-                    let _ = ctl.send(bad(err.to_string())).await;
-                    Some(Ctl::Close(CLOSE_TOO_BIG, "message too big".into()))
-                }
-                Err(err) => Some(bad(err.to_string())),
-            },
-            Message::Text(_) => Some(bad(
-                "text message ignored: this protocol uses binary messages whose first byte is the channel"
-                    .into(),
-            )),
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => None,
-        };
-        if let Some(reply) = reply {
-            if ctl.send(reply).await.is_err() {
-                break;
-            }
-        }
-    }
+    pump::serve::<Native>(
+        socket,
+        attachment,
+        status_frame(&first),
+        std::future::pending(),
+    )
+    .await;
 }

@@ -32,23 +32,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::ws::{
-    rejection::WebSocketUpgradeRejection, CloseFrame, Message, WebSocket, WebSocketUpgrade,
-};
+use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use berth_api::shell::{
-    channel, frame, parse_client_frame, stdout_frames, AttachOptions, ClientFrame,
-    ClientFrameError, OpenShell,
-};
-use berth_core::{CoreError, ShellAttachment, ShellEvent, ShellInputs};
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use berth_api::shell::{channel, frame, AttachOptions, OpenShell};
+use berth_core::{CoreError, NoticeKind, ShellAttachment};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::agent::AGENT_SHELL;
 use super::sessions::ws_session_id;
@@ -56,18 +47,10 @@ use super::{address, set_header, SESSION_HEADER};
 use crate::agentcore::auth::BEARER_SUBPROTOCOL;
 use crate::agentcore::request_id::new_id;
 use crate::agentcore::{Ac, AgentCore, AwsError, ErrorShape, PathParams, Query};
+use crate::shells::pump::{self, Dialect};
 
 /// `X-Amzn-Bedrock-AgentCore-Shell-Id`, on the 101.
 pub const SHELL_ID_HEADER: &str = "x-amzn-bedrock-agentcore-shell-id";
-/// What the transport accepts before the protocol's own 64 KiB rule (as native shells).
-const TRANSPORT_LIMIT: usize = 1 << 20;
-/// How long to wait for the client to answer our close frame.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-const CLOSE_NORMAL: u16 = 1000;
-const CLOSE_TOO_BIG: u16 = 1009;
-const CLOSE_INTERNAL: u16 = 1011;
-const CLOSE_TRY_AGAIN: u16 = 1013;
 /// Another client attached to the same shell id (§8); the SDK does not reconnect.
 const CLOSE_KICKED: u16 = 4000;
 
@@ -293,11 +276,18 @@ pub(crate) async fn shell(
         let id = shell_id.clone();
         let mut resp = ws
             .protocols([BEARER_SUBPROTOCOL])
-            .max_message_size(TRANSPORT_LIMIT)
-            .max_frame_size(TRANSPORT_LIMIT)
+            .max_message_size(pump::TRANSPORT_LIMIT)
+            .max_frame_size(pump::TRANSPORT_LIMIT)
             .on_upgrade(move |socket| async move {
                 let (registration, kicked) = Clients::register(&ac, key);
-                serve(socket, attachment, &id, reconnected, kicked).await;
+                let first = status_frame(&attached_status(&id, reconnected));
+                let kick = async move {
+                    // Sent, or the sender dropped: either way a newer client took the place.
+                    let _ = kicked.await;
+                    tracing::info!(shell = %id, "agentcore: shell client replaced by a newer one");
+                    (CLOSE_KICKED, "another client attached to this shell")
+                };
+                pump::serve::<AgentCoreShell>(socket, attachment, first, kick).await;
                 drop(registration);
             });
         set_header(&mut resp, SHELL_ID_HEADER, &shell_id);
@@ -309,192 +299,36 @@ pub(crate) async fn shell(
     resp
 }
 
-/// What the reader asks the writer to do.
-enum Ctl {
-    Send(Vec<u8>),
-    Close(u16, &'static str),
-}
+/// AgentCore's dialect (§8): diagnostics on channel 2, because the SDK takes any status
+/// frame without `metadata.shellId` for the end of the shell; bare heartbeat echoes.
+struct AgentCoreShell;
 
-type Sink = SplitSink<WebSocket, Message>;
+impl Dialect for AgentCoreShell {
+    const TOO_SLOW_CLOSE: &'static str = "client too slow; reconnect";
+    const FAILED_CLOSE: &'static str = "shell attachment failed";
 
-async fn send(sink: &mut Sink, msg: Vec<u8>) -> bool {
-    sink.send(Message::Binary(Bytes::from(msg))).await.is_ok()
-}
-
-async fn close(sink: &mut Sink, code: u16, why: &str) {
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: why.into(),
-        })))
-        .await;
-}
-
-/// Drive one client until the shell exits, the client leaves, or a newer client of the
-/// same shell comes (`kicked`).
-async fn serve(
-    socket: WebSocket,
-    attachment: ShellAttachment,
-    shell_id: &str,
-    reconnected: bool,
-    mut kicked: oneshot::Receiver<()>,
-) {
-    let ShellAttachment {
-        attached,
-        inputs,
-        mut events,
-    } = attachment;
-    let (mut sink, stream) = socket.split();
-    let mut ok = send(
-        &mut sink,
-        status_frame(&attached_status(shell_id, reconnected)),
-    )
-    .await;
-    // A screen snapshot, when the guest no longer holds all the output; otherwise the
-    // replay comes as output events.
-    for msg in stdout_frames(attached.snapshot.as_deref().unwrap_or_default()) {
-        ok = ok && send(&mut sink, msg).await;
+    fn rejected(message: String) -> Vec<u8> {
+        stderr_frame(&message)
     }
-    if !ok {
-        return;
-    }
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Ctl>(16);
-    let mut reader = tokio::spawn(read_client(stream, inputs, ctl_tx));
-    let mut closed_by_us = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut kicked => {
-                tracing::info!(shell = %shell_id, "agentcore: shell client replaced by a newer one");
-                close(&mut sink, CLOSE_KICKED, "another client attached to this shell").await;
-                closed_by_us = true;
-                break;
-            }
-            ctl = ctl_rx.recv() => match ctl {
-                Some(Ctl::Send(msg)) => {
-                    if !send(&mut sink, msg).await {
-                        break;
-                    }
-                }
-                Some(Ctl::Close(code, why)) => {
-                    close(&mut sink, code, why).await;
-                    closed_by_us = true;
-                    break;
-                }
-                // The client went away.
-                None => break,
-            },
-            event = events.next() => {
-                let Some(event) = event else { break };
-                let (msg, close_with) = match event {
-                    ShellEvent::Output { data, .. } => {
-                        let mut ok = true;
-                        for msg in stdout_frames(&data) {
-                            ok = ok && send(&mut sink, msg).await;
-                        }
-                        if !ok {
-                            break;
-                        }
-                        continue;
-                    }
-                    ShellEvent::Notice { message, .. } => (stderr_frame(&message), None),
-                    ShellEvent::Exited { code, signal } => (
-                        status_frame(&exit_status(code, signal)),
-                        Some((CLOSE_NORMAL, "shell exited")),
-                    ),
-                    ShellEvent::TooSlow { message, .. } => (
-                        stderr_frame(&message),
-                        Some((CLOSE_TRY_AGAIN, "client too slow; reconnect")),
-                    ),
-                    ShellEvent::Failed(err) => (
-                        status_frame(&internal_status(&err.message)),
-                        Some((CLOSE_INTERNAL, "shell attachment failed")),
-                    ),
-                };
-                if !send(&mut sink, msg).await {
-                    break;
-                }
-                if let Some((code, why)) = close_with {
-                    close(&mut sink, code, why).await;
-                    closed_by_us = true;
-                    break;
-                }
-            }
-        }
-    }
-    // Detach from the guest (the shell keeps running) and release the busy guard now.
-    drop(events);
-    if closed_by_us {
-        let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
-    }
-    reader.abort();
-}
 
-/// Decode the client's messages until it closes or goes away. Rejected input is
-/// reported on channel 2 (a status frame would end the SDK's session).
-async fn read_client(
-    mut stream: SplitStream<WebSocket>,
-    inputs: ShellInputs,
-    ctl: mpsc::Sender<Ctl>,
-) {
-    let mut closing = false;
-    while let Some(msg) = stream.next().await {
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(err) => {
-                if !closing {
-                    // Most likely a message over the transport limit.
-                    let _ = ctl
-                        .send(Ctl::Send(stderr_frame(&format!("message rejected: {err}"))))
-                        .await;
-                    let _ = ctl.send(Ctl::Close(CLOSE_TOO_BIG, "message too big")).await;
-                }
-                break;
-            }
-        };
-        if closing {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-            continue;
-        }
-        let reply = match msg {
-            Message::Binary(data) => match parse_client_frame(&data) {
-                Ok(ClientFrame::Stdin(_)) => {
-                    // Fails only once the attachment is over; the writer says why.
-                    let _ = inputs.stdin(data.slice(1..)).await;
-                    None
-                }
-                Ok(ClientFrame::Resize(size)) => {
-                    let _ = inputs.resize(size.width, size.height).await;
-                    None
-                }
-                Ok(ClientFrame::Heartbeat(_)) => {
-                    inputs.heartbeat();
-                    Some(Ctl::Send(vec![channel::HEARTBEAT]))
-                }
-                Ok(ClientFrame::Close) => {
-                    closing = true;
-                    Some(Ctl::Close(CLOSE_NORMAL, "detached"))
-                }
-                Err(err @ ClientFrameError::TooLarge(_)) => {
-                    closing = true;
-                    let _ = ctl.send(Ctl::Send(stderr_frame(&err.to_string()))).await;
-                    Some(Ctl::Close(CLOSE_TOO_BIG, "message too big"))
-                }
-                Err(err) => Some(Ctl::Send(stderr_frame(&err.to_string()))),
-            },
-            Message::Text(_) => Some(Ctl::Send(stderr_frame(
-                "text message ignored: this protocol uses binary messages whose first byte is the channel",
-            ))),
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => None,
-        };
-        if let Some(reply) = reply {
-            if ctl.send(reply).await.is_err() {
-                break;
-            }
-        }
+    fn heartbeat(_payload: &[u8]) -> Vec<u8> {
+        vec![channel::HEARTBEAT]
+    }
+
+    fn notice(_kind: NoticeKind, message: String) -> Vec<u8> {
+        stderr_frame(&message)
+    }
+
+    fn exited(code: Option<i32>, signal: Option<i32>) -> Vec<u8> {
+        status_frame(&exit_status(code, signal))
+    }
+
+    fn too_slow(_offset: u64, message: String) -> Vec<u8> {
+        stderr_frame(&message)
+    }
+
+    fn failed(message: String) -> Vec<u8> {
+        status_frame(&internal_status(&message))
     }
 }
 
