@@ -386,7 +386,9 @@ async fn full_screen_programs_are_redrawn_in_the_alternate_screen() {
         "printf '\\033[?1049h\\033[?1h\\033[H\\033[2Jfull-%s\\033[5;3Hbody' $((7*7)); read x; printf '\\033[?1049l'\r",
     )
     .await;
-    t.wait_for("body").await;
+    // The echo of the typed line holds "body" too (after a literal `\033[5;3H`): wait
+    // for the escape sequence itself, which only printf's output has.
+    t.wait_for("\x1b[5;3Hbody").await;
     drop(t);
 
     let mut t = Term::attach(&mut guest, attach_req("alt")).await;
