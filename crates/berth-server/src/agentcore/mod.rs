@@ -274,11 +274,25 @@ impl AgentCore {
                 view.status.as_str()
             )));
         };
-        let rec = ac
-            .get_version(runtime_id, version)
-            .await?
-            .ok_or_else(not_found)?;
-        let spec: model::RuntimeSpec = runtimes::spec_of(&rec)?;
+        // The live version is usually the target one, already read.
+        let rec = match target {
+            Some(rec) if rec.version == version => rec,
+            _ => ac
+                .get_version(runtime_id, version)
+                .await?
+                .ok_or_else(not_found)?,
+        };
+        self.target(endpoint, &rec)
+    }
+
+    /// What the data plane needs to serve version `rec` through `endpoint`.
+    pub(crate) fn target(
+        &self,
+        endpoint: &str,
+        rec: &berth_store::agentcore::AcVersion,
+    ) -> Result<Target, AwsError> {
+        let spec: model::RuntimeSpec = runtimes::spec_of(rec)?;
+        let (runtime_id, version) = (rec.runtime_id.as_str(), rec.version);
         Ok(Target {
             runtime_id: runtime_id.to_string(),
             runtime_arn: ids::runtime_arn(self.config(), runtime_id),

@@ -21,11 +21,8 @@ use sha2::{Digest, Sha256};
 
 use super::{address, set_header, SESSION_HEADER};
 use crate::agentcore::request_id::new_id;
-use crate::agentcore::runtimes::spec_of;
 use crate::agentcore::validate::{self, Checker};
-use crate::agentcore::{
-    artifacts, ids, mapping, Ac, AgentCore, AwsError, Body, PathParams, Query, Target,
-};
+use crate::agentcore::{Ac, AgentCore, AwsError, Body, PathParams, Query, Target};
 
 /// The runtime session id's bounds (`DP:shapes.SessionType`).
 const SESSION_ID_MIN: usize = 33;
@@ -128,18 +125,7 @@ impl AgentCore {
                     "version {version} of agent runtime {runtime_id} not found"
                 ))
             })?;
-        let spec = spec_of(&rec)?;
-        Ok(Target {
-            runtime_id: runtime_id.to_string(),
-            runtime_arn: ids::runtime_arn(self.config(), runtime_id),
-            endpoint: endpoint.to_string(),
-            version,
-            native_runtime: mapping::native_name(runtime_id, version),
-            protocol: mapping::protocol(&spec),
-            header_allowlist: mapping::header_allowlist(&spec),
-            code_dir: artifacts::code_dir(&self.config().data_dir, runtime_id, version),
-            spec,
-        })
+        self.target(endpoint, &rec)
     }
 
     /// The runtime session `session_id` of `target`'s runtime: resumed if it exists
