@@ -12,14 +12,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::agentcore::{host_python, run, vendored, BEDROCK_AGENTCORE};
+use common::agentcore::{encode, sid, zip_for};
 use common::{poll, uniq, Server};
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
-use sha2::Digest;
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/AgentRole";
 const SESSION_HEADER: &str = "x-amzn-bedrock-agentcore-runtime-session-id";
@@ -70,74 +68,10 @@ if __name__ == "__main__":
 
 // ---- the agent's code zip ----
 
-/// A stored (uncompressed: quick to write and to unpack) zip of `main.py` and, with
-/// `vendor`, the vendored packages (without `__pycache__`), cached by content.
-fn agent_zip(python: &Path, main_py: &str, vendor: bool) -> Result<PathBuf, String> {
-    let vendor = if vendor {
-        vendored(python)?
-    } else {
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("agentcore-no-vendor")
-    };
-    let _ = std::fs::create_dir_all(&vendor);
-    let hash = hex(&sha2::Sha256::digest(format!("{}\n{main_py}", vendor.display()))[..8]);
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let zip = tmp.join(format!("agentcore-agent-{hash}.zip"));
-    if zip.is_file() {
-        return Ok(zip);
-    }
-    let main = tmp.join(format!("agentcore-agent-{hash}.{}.py", std::process::id()));
-    std::fs::write(&main, main_py).map_err(|e| e.to_string())?;
-    let script = r#"
-import os, sys, zipfile
-vendor, main, out = sys.argv[1:4]
-tmp = "%s.tmp%d" % (out, os.getpid())
-with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-    for root, dirs, files in os.walk(vendor):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for f in sorted(files):
-            if f == ".complete":
-                continue
-            p = os.path.join(root, f)
-            z.write(p, os.path.relpath(p, vendor))
-    z.write(main, "main.py")
-os.replace(tmp, out)
-"#;
-    let made = run(Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(&vendor)
-        .arg(&main)
-        .arg(&zip));
-    let _ = std::fs::remove_file(&main);
-    made.map(|()| zip)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The agent zip and its managed runtime, or `None` (printed) when this host cannot
 /// build it (no python3.N, no pip, no PyPI).
 async fn agent(test: &str, main_py: &'static str) -> Option<(PathBuf, String)> {
     zip_for(test, main_py, true).await
-}
-
-/// [`agent`], with or without the vendored packages.
-async fn zip_for(test: &str, main_py: &'static str, vendor: bool) -> Option<(PathBuf, String)> {
-    let Some((python, runtime)) = host_python() else {
-        eprintln!("skipping {test}: the host has no /usr/bin/python3.N");
-        return None;
-    };
-    let built = tokio::task::spawn_blocking(move || agent_zip(&python, main_py, vendor))
-        .await
-        .expect("zip task");
-    match built {
-        Ok(zip) => Some((zip, runtime)),
-        Err(e) => {
-            eprintln!("skipping {test}: cannot vendor {BEDROCK_AGENTCORE}: {e}");
-            None
-        }
-    }
 }
 
 // ---- HTTP ----
@@ -182,26 +116,8 @@ async fn send(req: reqwest::RequestBuilder) -> Answer {
     }
 }
 
-/// Percent-encode everything but unreserved characters, as botocore does for the ARN.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn dp(arn: &str, op: &str) -> String {
     format!("/runtimes/{}/{op}", encode(arn))
-}
-
-/// A runtime session id (33..256 characters).
-fn sid(tag: &str) -> String {
-    format!("{:0<40}", format!("{tag}-{}-", uniq("s")))
 }
 
 /// Create a runtime from `zip` and wait until it is READY; its id and ARN.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::agentcore::{host_python, run, vendored};
+use common::agentcore::{encode, host_python, run, vendored};
 use common::{poll, uniq, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -119,19 +119,6 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
         serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into())),
     )
-}
-
-/// The ARN percent-encoded in one path segment, as botocore sends it.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 async fn invoke(s: &Server, arn: &str, session: &str, payload: Value) -> Value {

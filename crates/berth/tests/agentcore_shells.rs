@@ -7,17 +7,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Instant;
 
 use base64::Engine as _;
 use berth_api::shell::{channel, ShellInfo};
+use common::agentcore::{encode, sid, zip_for};
 use common::{poll, uniq, Server, DEADLINE};
 use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
-use sha2::Digest;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -26,7 +25,6 @@ use tokio_tungstenite::tungstenite::Message;
 const ROLE: &str = "arn:aws:iam::123456789012:role/AgentRole";
 const SESSION_HEADER: &str = "x-amzn-bedrock-agentcore-runtime-session-id";
 const SHELL_ID_HEADER: &str = "x-amzn-bedrock-agentcore-shell-id";
-const BEDROCK_AGENTCORE: &str = "bedrock-agentcore==1.25.0";
 
 /// A runtime for shells only: its agent never runs.
 const IDLE_AGENT: &str = "print('not started for shells')\n";
@@ -80,137 +78,6 @@ if __name__ == "__main__":
 "#;
 
 // ---- the agent's code zip (as agentcore_data.rs; the vendored packages are shared) ----
-
-fn host_python() -> Option<(PathBuf, String)> {
-    (10..=14).find_map(|n| {
-        let p = PathBuf::from(format!("/usr/bin/python3.{n}"));
-        p.is_file().then(|| (p, format!("PYTHON_3_{n}")))
-    })
-}
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn vendored(python: &Path) -> Result<PathBuf, String> {
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let name = python.file_name().unwrap_or_default().to_string_lossy();
-    let dir = tmp.join(format!("agentcore-vendor-{name}-1.25.0"));
-    if dir.join(".complete").is_file() {
-        return Ok(dir);
-    }
-    let staging = tmp.join(format!(
-        "agentcore-vendor-{name}.tmp-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    run(Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(["--no-warn-script-location", "--target"])
-        .arg(&staging)
-        .arg(BEDROCK_AGENTCORE)
-        .env("PIP_ROOT_USER_ACTION", "ignore"))?;
-    std::fs::write(staging.join(".complete"), b"").map_err(|e| e.to_string())?;
-    if std::fs::rename(&staging, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    Ok(dir)
-}
-
-/// A stored zip of `main.py` and, with `vendor`, the vendored packages, cached by content.
-fn agent_zip(python: &Path, main_py: &str, vendor: bool) -> Result<PathBuf, String> {
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let vendor = if vendor {
-        vendored(python)?
-    } else {
-        tmp.join("agentcore-no-vendor")
-    };
-    let _ = std::fs::create_dir_all(&vendor);
-    let hash: String = sha2::Sha256::digest(format!("{}\n{main_py}", vendor.display()))[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let zip = tmp.join(format!("agentcore-agent-{hash}.zip"));
-    if zip.is_file() {
-        return Ok(zip);
-    }
-    let main = tmp.join(format!("agentcore-agent-{hash}.{}.py", std::process::id()));
-    std::fs::write(&main, main_py).map_err(|e| e.to_string())?;
-    let script = r#"
-import os, sys, zipfile
-vendor, main, out = sys.argv[1:4]
-tmp = "%s.tmp%d" % (out, os.getpid())
-with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-    for root, dirs, files in os.walk(vendor):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for f in sorted(files):
-            if f == ".complete":
-                continue
-            p = os.path.join(root, f)
-            z.write(p, os.path.relpath(p, vendor))
-    z.write(main, "main.py")
-os.replace(tmp, out)
-"#;
-    let made = run(Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(&vendor)
-        .arg(&main)
-        .arg(&zip));
-    let _ = std::fs::remove_file(&main);
-    made.map(|()| zip)
-}
-
-/// The zip and its managed runtime, or `None` (printed) when this host cannot build it.
-async fn zip_for(test: &str, main_py: &'static str, vendor: bool) -> Option<(PathBuf, String)> {
-    let Some((python, runtime)) = host_python() else {
-        eprintln!("skipping {test}: the host has no /usr/bin/python3.N");
-        return None;
-    };
-    let built = tokio::task::spawn_blocking(move || agent_zip(&python, main_py, vendor))
-        .await
-        .expect("zip task");
-    match built {
-        Ok(zip) => Some((zip, runtime)),
-        Err(e) => {
-            eprintln!("skipping {test}: cannot build the agent zip: {e}");
-            None
-        }
-    }
-}
-
-/// Percent-encode everything but unreserved characters, as the SDK does for the ARN.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// A runtime session id (33..256 characters).
-fn sid(tag: &str) -> String {
-    format!("{:0<40}", format!("{tag}-{}-", uniq("s")))
-}
 
 /// Create a runtime from `zip` and wait until it is READY; its id and ARN.
 async fn deploy(s: &Server, zip: &Path, runtime: &str) -> (String, String) {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 pub const BEDROCK_AGENTCORE: &str = "bedrock-agentcore==1.25.0";
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
@@ -157,4 +159,88 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A stored (uncompressed: quick to write and to unpack) zip of `main.py` and, with
+/// `vendor`, the vendored packages (without `__pycache__`), cached by content.
+pub fn agent_zip(python: &Path, main_py: &str, vendor: bool) -> Result<PathBuf, String> {
+    let vendor = if vendor {
+        vendored(python)?
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("agentcore-no-vendor")
+    };
+    let _ = std::fs::create_dir_all(&vendor);
+    let hash = hex(&Sha256::digest(format!("{}\n{main_py}", vendor.display()))[..8]);
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let zip = tmp.join(format!("agentcore-agent-{hash}.zip"));
+    if zip.is_file() {
+        return Ok(zip);
+    }
+    let main = tmp.join(format!("agentcore-agent-{hash}.{}.py", std::process::id()));
+    std::fs::write(&main, main_py).map_err(|e| e.to_string())?;
+    let script = r#"
+import os, sys, zipfile
+vendor, main, out = sys.argv[1:4]
+tmp = "%s.tmp%d" % (out, os.getpid())
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+    for root, dirs, files in os.walk(vendor):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for f in sorted(files):
+            if f == ".complete":
+                continue
+            p = os.path.join(root, f)
+            z.write(p, os.path.relpath(p, vendor))
+    z.write(main, "main.py")
+os.replace(tmp, out)
+"#;
+    let made = run(Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(&vendor)
+        .arg(&main)
+        .arg(&zip));
+    let _ = std::fs::remove_file(&main);
+    made.map(|()| zip)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`agent_zip`] and its managed runtime, or `None` (printed) when this host cannot
+/// build it (no python3.N, no pip, no PyPI).
+pub async fn zip_for(test: &str, main_py: &'static str, vendor: bool) -> Option<(PathBuf, String)> {
+    let Some((python, runtime)) = host_python() else {
+        eprintln!("skipping {test}: the host has no /usr/bin/python3.N");
+        return None;
+    };
+    let built = tokio::task::spawn_blocking(move || agent_zip(&python, main_py, vendor))
+        .await
+        .expect("zip task");
+    match built {
+        Ok(zip) => Some((zip, runtime)),
+        Err(e) => {
+            eprintln!("skipping {test}: cannot build the agent zip ({BEDROCK_AGENTCORE}): {e}");
+            None
+        }
+    }
+}
+
+/// Percent-encode everything but unreserved characters, as botocore and the SDK send a
+/// runtime ARN in one path segment.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A runtime session id (33..256 characters).
+pub fn sid(tag: &str) -> String {
+    format!("{:0<40}", format!("{tag}-{}-", super::uniq("s")))
 }
