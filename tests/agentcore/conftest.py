@@ -33,6 +33,8 @@ AWS_HOST = f"berth-test.{REGION}.amazonaws.com"
 # CreateAgentRuntime requires a role; Berth echoes it and assumes nothing.
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/berth-test"
 DEADLINE = 120.0
+# What agents in the sandbox import (vendored into their code zips).
+PACKAGE = "bedrock-agentcore==1.25.0"
 
 
 def free_port() -> int:
@@ -195,3 +197,50 @@ def wait_status(control, runtime_id: str, version=None, want=("READY", "CREATE_F
             return got
         assert time.monotonic() < deadline, f"runtime {runtime_id} stuck in {got['status']}"
         time.sleep(0.2)
+
+
+def host_python():
+    """A `/usr/bin/python3.N` of the host (what sandboxes run) and its managed runtime."""
+    for n in range(10, 15):
+        path = Path(f"/usr/bin/python3.{n}")
+        if path.is_file():
+            return path, f"PYTHON_3_{n}"
+    return None, None
+
+
+def vendored(python: Path) -> Path:
+    """bedrock-agentcore installed for the sandbox's python into a directory of its own."""
+    tmp = REPO / "target" / "tmp"
+    target = tmp / f"agentcore-vendor-{python.name}-1.25.0"
+    if (target / ".complete").is_file():
+        return target
+    staging = tmp / f"agentcore-vendor-{python.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    out = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-warn-script-location", "--target", str(staging), PACKAGE],
+        capture_output=True, text=True, env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot vendor {PACKAGE}: {out.stderr[-2000:]}")
+    (staging / ".complete").write_bytes(b"")
+    try:
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def agent_zip(python: Path, main_py: str) -> bytes:
+    """A code zip: the vendored packages (stored, not deflated: fast) and `main.py`."""
+    vendor = vendored(python)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for root, dirs, files in os.walk(vendor):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for f in sorted(files):
+                if f != ".complete":
+                    p = os.path.join(root, f)
+                    z.write(p, os.path.relpath(p, vendor))
+        z.writestr("main.py", main_py)
+    return buf.getvalue()

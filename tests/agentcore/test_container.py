@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BERTH, DEADLINE, ROLE, wait_status
-from test_data_plane import host_python, sid, vendored
+from conftest import host_python, vendored
+from test_data_plane import sid
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 REPO = "agents/py"

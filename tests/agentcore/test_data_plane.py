@@ -10,18 +10,13 @@ bedrock-agentcore and its dependencies are vendored into the code zip with
 
 import io
 import json
-import os
-import shutil
-import subprocess
 import uuid
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from conftest import REGION, REPO, ROLE, wait_status
+from conftest import REGION, ROLE, agent_zip, host_python, wait_status
 
-PACKAGE = "bedrock-agentcore==1.25.0"
 AGENT = '''import os
 import time
 
@@ -58,51 +53,6 @@ if __name__ == "__main__":
 '''
 
 
-def host_python():
-    for n in range(10, 15):
-        path = Path(f"/usr/bin/python3.{n}")
-        if path.is_file():
-            return path, f"PYTHON_3_{n}"
-    return None, None
-
-
-def vendored(python: Path) -> Path:
-    """bedrock-agentcore installed for the sandbox's python into a directory of its own."""
-    tmp = REPO / "target" / "tmp"
-    target = tmp / f"agentcore-vendor-{python.name}-1.25.0"
-    if (target / ".complete").is_file():
-        return target
-    staging = tmp / f"agentcore-vendor-{python.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    out = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-warn-script-location", "--target", str(staging), PACKAGE],
-        capture_output=True, text=True, env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
-    )
-    if out.returncode != 0:
-        pytest.skip(f"cannot vendor {PACKAGE}: {out.stderr[-2000:]}")
-    (staging / ".complete").write_bytes(b"")
-    try:
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def agent_zip(python: Path) -> bytes:
-    vendor = vendored(python)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        for root, dirs, files in os.walk(vendor):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for f in sorted(files):
-                if f != ".complete":
-                    p = os.path.join(root, f)
-                    z.write(p, os.path.relpath(p, vendor))
-        z.writestr("main.py", AGENT)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def runtime(berth, control):
     """A READY runtime running the agent: (arn, id)."""
@@ -110,7 +60,7 @@ def runtime(berth, control):
     if python is None:
         pytest.skip("the host has no /usr/bin/python3.N for the sandbox")
     key = f"agents/{uuid.uuid4()}.zip"
-    berth.put_object("code", key, agent_zip(python))
+    berth.put_object("code", key, agent_zip(python, AGENT))
     created = control.create_agent_runtime(
         agentRuntimeName="dp_" + uuid.uuid4().hex[:12],
         agentRuntimeArtifact={"codeConfiguration": {

@@ -11,18 +11,15 @@ child process started with that environment, where `socket.getaddrinfo` resolves
 test host name (`conftest.AWS_HOST`, in the server's certificate) to 127.0.0.1.
 """
 
-import io
 import json
 import os
 import subprocess
 import sys
 import uuid
-import zipfile
 
 import pytest
 
-from conftest import AWS_HOST, DEADLINE, REGION, ROLE, wait_status
-from test_data_plane import host_python, vendored
+from conftest import AWS_HOST, DEADLINE, REGION, ROLE, agent_zip, host_python, wait_status
 
 WS_AGENT = '''from bedrock_agentcore import BedrockAgentCoreApp
 
@@ -126,20 +123,6 @@ def sdk(berth, script: str, **args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ws_agent_zip(python) -> bytes:
-    vendor = vendored(python)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        for root, dirs, files in os.walk(vendor):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for f in sorted(files):
-                if f != ".complete":
-                    p = os.path.join(root, f)
-                    z.write(p, os.path.relpath(p, vendor))
-        z.writestr("main.py", WS_AGENT)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def runtime(berth, control):
     """A READY runtime whose agent echoes on its WebSocket: its ARN."""
@@ -147,7 +130,7 @@ def runtime(berth, control):
     if python is None:
         pytest.skip("the host has no /usr/bin/python3.N for the sandbox")
     key = f"agents/{uuid.uuid4()}.zip"
-    berth.put_object("code", key, ws_agent_zip(python))
+    berth.put_object("code", key, agent_zip(python, WS_AGENT))
     created = control.create_agent_runtime(
         agentRuntimeName="shells_" + uuid.uuid4().hex[:12],
         agentRuntimeArtifact={"codeConfiguration": {
