@@ -183,6 +183,13 @@ impl MicroVmDriver {
         self.accel.get().copied()
     }
 
+    /// Settle the accelerator from a probe the caller ran itself (`berth server --info`
+    /// prints the probe's outcome), so that later starts do not boot the probe again.
+    /// No-op once decided.
+    pub fn remember_accel(&self, accel: Accel) {
+        let _ = self.accel.set(accel);
+    }
+
     /// KVM when it really boots the guest, else TCG (decided once, on first use).
     pub async fn resolve_accel(&self, image: &GuestImage) -> Accel {
         *self

@@ -30,10 +30,12 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
             .unwrap_or_else(|| data_dir.to_path_buf()),
     ));
     let qemu = Qemu::default();
-    if qemu.available() {
+    // `available` runs `qemu-system-x86_64 --version`: ask once.
+    let qemu_available = qemu.available();
+    if qemu_available {
         images.warm_up();
     }
-    let (microvm, microvm_missing) = if qemu.available() {
+    let (microvm, microvm_missing) = if qemu_available {
         let accel = match args.microvm_accel {
             AccelArg::Auto => None,
             AccelArg::Kvm => Some(Accel::Kvm),
@@ -116,11 +118,17 @@ async fn print_microvm_info(d: &ServerDrivers) {
         Ok(image) => match vm.accel() {
             Some(accel) => println!("microvm accel: {} (fixed by --microvm-accel)", accel.name()),
             None => match vm.probe_kvm(&image).await {
-                Ok(boot) => println!("microvm accel: kvm (guest booted in {boot:?})"),
-                Err(why) => println!(
-                    "microvm accel: tcg — WARNING: software emulation, for development and \
-                     tests only; KVM cannot boot the guest here: {why}"
-                ),
+                Ok(boot) => {
+                    vm.remember_accel(Accel::Kvm);
+                    println!("microvm accel: kvm (guest booted in {boot:?})")
+                }
+                Err(why) => {
+                    vm.remember_accel(Accel::Tcg);
+                    println!(
+                        "microvm accel: tcg — WARNING: software emulation, for development \
+                         and tests only; KVM cannot boot the guest here: {why}"
+                    )
+                }
             },
         },
     }
