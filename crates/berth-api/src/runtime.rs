@@ -6,8 +6,8 @@ use utoipa::ToSchema;
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     /// The server's default, decided each time a sandbox starts: `microvm` when the
-    /// server's KVM really boots guests and a guest image is built (and the runtime has
-    /// no `mounts`, which microVMs do not support yet), else `namespace`. The operator
+    /// server's KVM really boots guests and a guest image is built (and every mount's
+    /// source is a directory: microVMs share directories only), else `namespace`. The operator
     /// can pin it with `berth server --default-isolation`.
     #[default]
     Auto,
@@ -27,7 +27,10 @@ impl Isolation {
     }
 }
 
-/// An extra host directory mounted into every sandbox of a runtime.
+/// An extra host directory mounted into every sandbox of a runtime. The sandbox's
+/// users act on it as the session's mapped host uids (sandbox root = `--uid-base` +
+/// slot × 65536), never as host root. In a microVM it is shared over virtio-fs and must
+/// be a directory; a namespace sandbox can also bind a single file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Mount {

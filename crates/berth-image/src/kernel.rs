@@ -24,7 +24,8 @@ pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest needs, when they are not built in: virtio-mmio transport (found
 /// through ACPI on `microvm`), the root and workspace disks, the host channel
-/// (virtio-serial), and overlayfs for a writable root over the read-only image.
+/// (virtio-serial), overlayfs for a writable root over the read-only image, and
+/// virtio-fs (with FUSE) for a runtime's host directory mounts.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -32,6 +33,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_console",
     "overlay",
+    "fuse",
+    "virtiofs",
 ];
 
 /// Bumped whenever what is extracted from a `.deb` changes.

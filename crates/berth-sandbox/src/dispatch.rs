@@ -41,8 +41,8 @@ impl Drivers {
 
     /// The concrete isolation a sandbox of `runtime` gets now. `auto` follows the
     /// server's default; an unpinned default is a microVM only where that driver says it
-    /// can run the runtime fast here (KVM boots the guest, an image is built, no host
-    /// mounts, which microVMs do not support yet).
+    /// can run the runtime fast here (KVM boots the guest, an image is built, and every
+    /// host mount is a directory: microVMs share directories only).
     pub async fn resolve(&self, runtime: &RuntimeSpec) -> Isolation {
         match (runtime.isolation, self.default) {
             (Isolation::Auto, Isolation::Auto) => match &self.microvm {

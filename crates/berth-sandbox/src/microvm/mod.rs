@@ -6,6 +6,7 @@
 //! QEMU is started in its own process group and survives a server restart, which then
 //! re-adopts it over the same socket. See `README.md` in this directory.
 
+pub mod virtiofs;
 pub mod vmm;
 
 use std::fs;
@@ -20,7 +21,8 @@ use berth_api::RuntimeSpec;
 use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
 use berth_guest::client::Guest;
 
-use self::vmm::{Accel, VmSpec, Vmm};
+use self::virtiofs::{IdMap, Share};
+use self::vmm::{Accel, ShareDevice, VmSpec, Vmm};
 use crate::common::{io_error, start_error};
 use crate::namespace::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::namespace::init_process::InitProcess;
@@ -83,13 +85,23 @@ pub struct MicroVmConfig {
     pub data_dir: PathBuf,
     /// How long `start` waits for the guest agent's first answer.
     pub boot_deadline: Duration,
+    /// Host uids of a session's share daemons, as the namespace driver maps its
+    /// sandboxes: guest root = `uid_base + uid_slot * uid_range`.
+    pub uid_base: u32,
+    pub uid_range: u32,
+    /// The vhost-user-fs daemon serving a runtime's host directory mounts.
+    pub virtiofsd: PathBuf,
 }
 
 impl MicroVmConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let ns = crate::namespace::NamespaceConfig::new(PathBuf::new(), PathBuf::new());
         Self {
             data_dir: data_dir.into(),
             boot_deadline: Duration::from_secs(60),
+            uid_base: ns.uid_base,
+            uid_range: ns.uid_range,
+            virtiofsd: PathBuf::from(virtiofs::DEFAULT_VIRTIOFSD),
         }
     }
 }
@@ -122,6 +134,14 @@ pub enum VmError {
     Cmdline(usize),
     #[error("the sandbox is running")]
     Running,
+    #[error("uid slot {0} is beyond the uid range")]
+    UidSlot(u32),
+    #[error("cannot share {source_dir} with the VM")]
+    Share {
+        source_dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("background task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -143,6 +163,16 @@ impl VmPaths {
     /// The VMM's own stderr (e.g. a disk it cannot open).
     fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
+    }
+    /// The share daemons' stderr.
+    fn virtiofsd_log(&self) -> PathBuf {
+        self.dir.join("virtiofsd.log")
+    }
+    /// The vhost-user socket of the `i`th mount: next to the channel (short paths).
+    fn share_socket(&self, i: usize) -> PathBuf {
+        let mut name = self.channel.clone().into_os_string();
+        name.push(format!(".fs{i}"));
+        PathBuf::from(name)
     }
 }
 
@@ -228,6 +258,7 @@ impl MicroVmDriver {
             MicroVmConfig {
                 data_dir: dir.clone(),
                 boot_deadline: PROBE_DEADLINE,
+                ..self.config.clone()
             },
             self.vmm.clone(),
             Arc::new(Fixed(image.clone())),
@@ -295,7 +326,7 @@ impl MicroVmDriver {
     /// other channel before its agent serves): `berth.hostname`, `berth.workspace_path`,
     /// `berth.pids` (the guest puts every command in a cgroup with that `pids.max`) and
     /// the runtime's env as `berth.env=<base64url(JSON object)>`.
-    fn cmdline(req: &SandboxRequest, accel: Accel) -> Result<String, VmError> {
+    fn cmdline(req: &SandboxRequest, shares: &[Share], accel: Accel) -> Result<String, VmError> {
         let rt = &req.runtime;
         // `panic=-1`: a guest kernel panic reboots, which `-no-reboot` turns into the
         // VMM exiting, so the host sees it.
@@ -310,6 +341,17 @@ impl MicroVmDriver {
             let json = serde_json::to_vec(&rt.env).unwrap_or_default();
             let env = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
             line.push_str(&format!(" berth.env={env}"));
+        }
+        if !shares.is_empty() {
+            let mounts: Vec<_> = shares
+                .iter()
+                .map(|s| {
+                    serde_json::json!({"tag": s.tag, "target": s.target, "read_only": s.read_only})
+                })
+                .collect();
+            let json = serde_json::to_vec(&mounts).unwrap_or_default();
+            let mounts = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+            line.push_str(&format!(" berth.mounts={mounts}"));
         }
         if accel == Accel::Tcg {
             // Under TCG the guest's TSC calibration against the PIT fails on a loaded
@@ -331,6 +373,7 @@ impl MicroVmDriver {
         req: &SandboxRequest,
         image: &GuestImage,
         paths: &VmPaths,
+        shares: &[Share],
         accel: Accel,
     ) -> Result<VmSpec, VmError> {
         let rt = &req.runtime;
@@ -343,7 +386,7 @@ impl MicroVmDriver {
         Ok(VmSpec {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
-            cmdline: Self::cmdline(req, accel)?,
+            cmdline: Self::cmdline(req, shares, accel)?,
             rootfs: image.rootfs.clone(),
             workspace: self.workspace_image(&req.session_id),
             channel: paths.channel.clone(),
@@ -351,7 +394,79 @@ impl MicroVmDriver {
             vcpus,
             memory_mib: (rt.memory >> 20).max(MIN_MEMORY >> 20),
             accel,
+            shares: shares
+                .iter()
+                .map(|s| ShareDevice {
+                    tag: s.tag.clone(),
+                    socket: s.socket.clone(),
+                })
+                .collect(),
         })
+    }
+
+    /// The runtime's mounts as virtio-fs shares (sources are canonical directories:
+    /// `image_for` checked them).
+    fn shares(req: &SandboxRequest, paths: &VmPaths) -> Vec<Share> {
+        req.runtime
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Share {
+                tag: format!("berth-m{i}"),
+                source: Path::new(&m.source)
+                    .canonicalize()
+                    .unwrap_or_else(|_| PathBuf::from(&m.source)),
+                target: m.target.clone(),
+                read_only: m.read_only,
+                socket: paths.share_socket(i),
+            })
+            .collect()
+    }
+
+    /// Start one `virtiofsd` per share, in the VM's cgroup, mapped to the session's
+    /// uid range (see `virtiofs.rs`).
+    fn start_shares(
+        &self,
+        req: &SandboxRequest,
+        shares: &[Share],
+        paths: &VmPaths,
+        cgroup: &SandboxCgroup,
+    ) -> Result<(), VmError> {
+        if shares.is_empty() {
+            return Ok(());
+        }
+        let root_id = req
+            .uid_slot
+            .checked_mul(self.config.uid_range)
+            .and_then(|off| off.checked_add(self.config.uid_base))
+            .filter(|id| id.checked_add(self.config.uid_range).is_some())
+            .ok_or(VmError::UidSlot(req.uid_slot))?;
+        let ids = IdMap {
+            root_id,
+            count: self.config.uid_range,
+        };
+        let log_path = paths.virtiofsd_log();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| VmError::Prepare {
+                path: log_path,
+                source,
+            })?;
+        for share in shares {
+            let pid =
+                virtiofs::spawn(&self.config.virtiofsd, share, ids, &log).map_err(|source| {
+                    VmError::Share {
+                        source_dir: share.source.clone(),
+                        source,
+                    }
+                })?;
+            if let Err(e) = cgroup.attach(pid) {
+                tracing::warn!(session = %req.session_id, error = %e, "cannot move virtiofsd into the VM's cgroup");
+            }
+        }
+        Ok(())
     }
 
     async fn start_inner(
@@ -384,7 +499,13 @@ impl MicroVmDriver {
             .create(&paths.dir)
             .map_err(prep(&paths.dir))?;
         let _ = fs::remove_file(&paths.channel);
-        let spec = self.spec(req, image, &paths, accel)?;
+        let shares = Self::shares(req, &paths);
+        for share in &shares {
+            if share.socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmError::SocketPath(share.socket.clone()));
+            }
+        }
+        let spec = self.spec(req, image, &paths, &shares, accel)?;
         let cgroup = SandboxCgroup::new(&paths.cgroup);
         cgroup
             .create(&CgroupLimits {
@@ -393,6 +514,7 @@ impl MicroVmDriver {
                 pids: VMM_PIDS,
             })
             .map_err(prep(Path::new(&paths.cgroup)))?;
+        self.start_shares(req, &shares, &paths, &cgroup)?;
         let vmm_log = fs::File::create(paths.vmm_log()).map_err(prep(&paths.vmm_log()))?;
         let mut cmd = tokio::process::Command::from(self.vmm.command(&spec));
         cmd.stdin(std::process::Stdio::null())
@@ -493,6 +615,7 @@ impl MicroVmDriver {
     fn console_tail(&self, paths: &VmPaths) -> String {
         let mut text = fs::read(paths.console()).unwrap_or_default();
         text.extend(fs::read(paths.vmm_log()).unwrap_or_default());
+        text.extend(fs::read(paths.virtiofsd_log()).unwrap_or_default());
         let tail = &text[text.len().saturating_sub(2000)..];
         String::from_utf8_lossy(tail).trim().to_string()
     }
@@ -516,11 +639,28 @@ impl MicroVmDriver {
                 ),
             });
         }
-        if !runtime.mounts.is_empty() {
+        if let Some(m) = runtime
+            .mounts
+            .iter()
+            .find(|m| !Path::new(&m.source).is_dir())
+        {
+            return Err(DriverError::InvalidRuntime {
+                field: "mounts.source",
+                message: format!(
+                    "{:?} is not a directory: a microVM shares host directories only \
+                     (mount its parent directory, or use isolation namespace)",
+                    m.source
+                ),
+            });
+        }
+        if !runtime.mounts.is_empty() && !self.config.virtiofsd.is_file() {
             return Err(DriverError::InvalidRuntime {
                 field: "mounts",
-                message: "host directory mounts are not supported with isolation microvm yet"
-                    .into(),
+                message: format!(
+                    "host directory mounts in a microVM need {} (apt-get install \
+                     qemu-system-common)",
+                    self.config.virtiofsd.display()
+                ),
             });
         }
         self.images
@@ -560,6 +700,9 @@ impl MicroVmDriver {
             tracing::warn!(session, ?left, "cgroup directories left behind");
         }
         let _ = fs::remove_file(&paths.channel);
+        for i in 0..berth_api::runtime::defaults::MAX_MOUNTS {
+            let _ = fs::remove_file(paths.share_socket(i));
+        }
         if paths.dir.exists() {
             fs::remove_dir_all(&paths.dir).map_err(|source| VmError::Prepare {
                 path: paths.dir.clone(),

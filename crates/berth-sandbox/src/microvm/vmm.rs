@@ -42,6 +42,15 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub accel: Accel,
+    /// Host directories served by vhost-user-fs daemons, by guest tag.
+    pub shares: Vec<ShareDevice>,
+}
+
+/// One virtio-fs device: the guest mounts `tag`; the daemon listens on `socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareDevice {
+    pub tag: String,
+    pub socket: PathBuf,
 }
 
 /// Serial numbers the guest uses to tell its disks apart (`/sys/block/vd*/serial`).
@@ -95,11 +104,23 @@ impl Vmm for Qemu {
 
     fn command(&self, spec: &VmSpec) -> Command {
         let mut cmd = Command::new(&self.binary);
+        let memory_mib = spec.memory_mib.max(128);
+        // A vhost-user daemon maps the guest's RAM itself, so with shares the RAM is a
+        // shared memfd (otherwise plain anonymous memory, as before).
+        let shared_ram = !spec.shares.is_empty();
         // `acpi=on`: this kernel finds virtio-mmio devices only through ACPI (it lacks
         // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); see ../shared/notes/microvm-facts.md.
         cmd.args([
             "-M",
-            &format!("microvm,accel={},acpi=on", spec.accel.name()),
+            &format!(
+                "microvm,accel={},acpi=on{}",
+                spec.accel.name(),
+                if shared_ram {
+                    ",memory-backend=ram"
+                } else {
+                    ""
+                }
+            ),
         ])
         .args([
             "-cpu",
@@ -110,7 +131,10 @@ impl Vmm for Qemu {
             },
         ])
         .args(["-smp", &spec.vcpus.max(1).to_string()])
-        .args(["-m", &format!("{}M", spec.memory_mib.max(128))])
+        .args(["-m", &format!("{memory_mib}M")])
+        // virtio 1.0 ("modern") virtio-mmio instead of microvm's legacy default:
+        // vhost-user devices (virtio-fs) refuse legacy transports.
+        .args(["-global", "virtio-mmio.force-legacy=false"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         // No QEMU monitor on stdio, no network device: loopback only inside.
         .args(["-monitor", "none", "-nic", "none"])
@@ -155,6 +179,20 @@ impl Vmm for Qemu {
             "-device",
             &format!("virtserialport,chardev=ch0,name={CHANNEL_NAME}"),
         ]);
+        if shared_ram {
+            cmd.args([
+                "-object",
+                &format!("memory-backend-memfd,id=ram,size={memory_mib}M,share=on"),
+            ]);
+        }
+        for (i, share) in spec.shares.iter().enumerate() {
+            cmd.args([
+                "-chardev",
+                &format!("socket,id=fs{i},path={}", arg(&share.socket)),
+                "-device",
+                &format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag),
+            ]);
+        }
         cmd
     }
 }
@@ -176,6 +214,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             accel: Accel::Tcg,
+            shares: vec![],
         };
         let cmd = Qemu::default().command(&spec);
         let args: Vec<String> = cmd
@@ -195,5 +234,53 @@ mod tests {
         assert!(joined.contains("-sandbox on,"), "{joined}");
         let append = args.iter().position(|a| a == "-append").expect("append");
         assert_eq!(args[append + 1], "console=ttyS0 quiet");
+        assert!(!joined.contains("memory-backend"), "{joined}");
+        assert!(!joined.contains("vhost-user-fs"), "{joined}");
+    }
+
+    #[test]
+    fn shares_put_the_ram_in_a_shared_memfd() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: String::new(),
+            rootfs: "/r".into(),
+            workspace: "/w".into(),
+            channel: "/c".into(),
+            console_log: "/l".into(),
+            vcpus: 1,
+            memory_mib: 300,
+            accel: Accel::Kvm,
+            shares: vec![
+                ShareDevice {
+                    tag: "berth-m0".into(),
+                    socket: "/s/a,b".into(),
+                },
+                ShareDevice {
+                    tag: "berth-m1".into(),
+                    socket: "/s/c".into(),
+                },
+            ],
+        };
+        let joined = Qemu::default()
+            .command(&spec)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains("-M microvm,accel=kvm,acpi=on,memory-backend=ram"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("memory-backend-memfd,id=ram,size=300M,share=on"),
+            "{joined}"
+        );
+        assert!(joined.contains("-m 300M"), "{joined}");
+        assert!(joined.contains("socket,id=fs0,path=/s/a,,b"), "{joined}");
+        assert!(
+            joined.contains("vhost-user-fs-device,chardev=fs1,tag=berth-m1"),
+            "{joined}"
+        );
     }
 }

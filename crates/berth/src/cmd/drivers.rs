@@ -41,13 +41,12 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
             AccelArg::Kvm => Some(Accel::Kvm),
             AccelArg::Tcg => Some(Accel::Tcg),
         };
-        let driver = MicroVmDriver::new(
-            MicroVmConfig::new(data_dir),
-            Arc::new(qemu),
-            images.clone(),
-            accel,
-        )
-        .context("cannot prepare the microVM driver's directories")?;
+        let mut config = MicroVmConfig::new(data_dir);
+        // A session's share daemons run as the same host uids a namespace sandbox of
+        // the same slot would.
+        config.uid_base = args.uid_base;
+        let driver = MicroVmDriver::new(config, Arc::new(qemu), images.clone(), accel)
+            .context("cannot prepare the microVM driver's directories")?;
         (Some(Arc::new(driver)), None)
     } else {
         let why = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)";

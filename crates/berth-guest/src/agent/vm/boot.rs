@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use super::cmdline::{CmdlineError, VmOptions};
+use super::cmdline::{CmdlineError, ShareMount, VmOptions};
 
 /// Module files and their load order, written by the image build.
 const MODULES_DIR: &str = "/lib/modules/berth";
@@ -116,6 +116,7 @@ pub(super) fn boot() -> Result<VmOptions, BootError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
         "",
     )?;
+    mount_shares(new_root, &options.mounts)?;
     write_identity(new_root, &options.hostname)?;
     for dir in ["/dev", "/proc", "/sys"] {
         let to = new_root.join(&dir[1..]);
@@ -372,6 +373,45 @@ fn mount_root(device: &Path, size: &str) -> Result<(), BootError> {
         target: new_root.into(),
         source,
     })
+}
+
+/// The runtime's host directories, shared by the host's virtio-fs daemons (one per
+/// mount, tag = `berth.mounts[i].tag`). Read-only is enforced on the host; the guest's
+/// `MS_RDONLY` only makes writes fail early with EROFS. `nosuid,nodev` as the namespace
+/// sandbox's bind mounts.
+fn mount_shares(root: &Path, shares: &[ShareMount]) -> Result<(), BootError> {
+    for share in shares {
+        let target = root.join(share.target.strip_prefix("/").unwrap_or(&share.target));
+        mkdir(&target)?;
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if share.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        // The device is probed when `virtiofs` loads, which `load_modules` already
+        // did; the retry only covers a slow probe under TCG.
+        let started = Instant::now();
+        loop {
+            match mount(
+                Some(share.tag.as_str()),
+                &target,
+                Some("virtiofs"),
+                flags,
+                None::<&str>,
+            ) {
+                Ok(()) => break,
+                Err(source) if started.elapsed() >= DEVICE_TIMEOUT => {
+                    return Err(BootError::Mount {
+                        fstype: "virtiofs",
+                        target,
+                        source,
+                    })
+                }
+                Err(_) => std::thread::sleep(DEVICE_POLL),
+            }
+        }
+        tracing::debug!(tag = %share.tag, target = %share.target.display(), "share mounted");
+    }
+    Ok(())
 }
 
 /// `/etc/hostname` and `/etc/hosts` naming the VM, as the namespace sandbox has them, so

@@ -31,10 +31,26 @@ pub(super) struct VmOptions {
     /// overlaid on the defaults for every command (what the namespace driver puts in
     /// its container spec).
     pub env: BTreeMap<String, String>,
+    /// `berth.mounts=<base64url(JSON array of {tag, target, read_only})>`: host
+    /// directories shared over virtio-fs, each mounted at `target` by its `tag`.
+    pub mounts: Vec<ShareMount>,
     /// `berth.*` keys this version does not know; logged, not fatal, so a newer host can
     /// pass options an older guest ignores.
     pub unknown: Vec<String>,
 }
+
+/// One virtio-fs share the host attached (`-device vhost-user-fs-device,tag=…`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ShareMount {
+    pub tag: String,
+    pub target: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// virtio-fs tags are at most 36 bytes (`struct virtio_fs_config`).
+const MAX_TAG: usize = 36;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(super) enum CmdlineError {
@@ -50,6 +66,12 @@ pub(super) enum CmdlineError {
     Env(String),
     #[error("berth.env names an invalid variable {0:?}")]
     EnvName(String),
+    #[error("berth.mounts is not base64url of a JSON array of mounts: {0}")]
+    Mounts(String),
+    #[error("berth.mounts has an invalid tag {0:?} (1 to 36 of a-z, 0-9, '-', '.')")]
+    MountTag(String),
+    #[error("berth.mounts target {0:?} must be absolute, without `..`, and not /")]
+    MountTarget(String),
 }
 
 impl VmOptions {
@@ -61,6 +83,7 @@ impl VmOptions {
             pids: None,
             log: None,
             env: BTreeMap::new(),
+            mounts: Vec::new(),
             unknown: Vec::new(),
         };
         for word in words(cmdline) {
@@ -70,14 +93,10 @@ impl VmOptions {
             let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
             match key {
                 "workspace_path" => {
-                    let path = Path::new(&value);
-                    let ok = path.is_absolute()
-                        && path.components().all(|c| c != Component::ParentDir)
-                        && path.components().any(|c| matches!(c, Component::Normal(_)));
-                    if !ok {
+                    if !is_sandbox_path(Path::new(&value)) {
                         return Err(CmdlineError::WorkspacePath(value.to_string()));
                     }
-                    options.workspace_path = path.to_path_buf();
+                    options.workspace_path = PathBuf::from(value);
                 }
                 "hostname" => {
                     let ok = !value.is_empty()
@@ -111,11 +130,41 @@ impl VmOptions {
                 }
                 "log" => options.log = Some(value.to_string()),
                 "env" => options.env = parse_env(value)?,
+                "mounts" => options.mounts = parse_mounts(value)?,
                 _ => options.unknown.push(key.to_string()),
             }
         }
         Ok(options)
     }
+}
+
+/// Absolute, without `..`, and not `/` itself.
+fn is_sandbox_path(path: &Path) -> bool {
+    path.is_absolute()
+        && path.components().all(|c| c != Component::ParentDir)
+        && path.components().any(|c| matches!(c, Component::Normal(_)))
+}
+
+fn parse_mounts(value: &str) -> Result<Vec<ShareMount>, CmdlineError> {
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .map_err(|e| CmdlineError::Mounts(e.to_string()))?;
+    let mounts: Vec<ShareMount> =
+        serde_json::from_slice(&json).map_err(|e| CmdlineError::Mounts(e.to_string()))?;
+    for m in &mounts {
+        let tag_ok = !m.tag.is_empty()
+            && m.tag.len() <= MAX_TAG
+            && m.tag
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !tag_ok {
+            return Err(CmdlineError::MountTag(m.tag.clone()));
+        }
+        if !is_sandbox_path(&m.target) {
+            return Err(CmdlineError::MountTarget(m.target.display().to_string()));
+        }
+    }
+    Ok(mounts)
 }
 
 fn parse_env(value: &str) -> Result<BTreeMap<String, String>, CmdlineError> {
@@ -234,6 +283,52 @@ mod tests {
         }
         assert!(VmOptions::parse("berth.overlay_size=75%").is_ok());
         assert!(VmOptions::parse("berth.overlay_size=1048576").is_ok());
+    }
+
+    #[test]
+    fn reads_the_mounts() {
+        let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+        let line = format!(
+            "quiet berth.mounts={}",
+            encode(
+                r#"[{"tag":"berth-m0","target":"/mnt/ref","read_only":true},
+                    {"tag":"berth-m1","target":"/data"}]"#
+            )
+        );
+        let mounts = VmOptions::parse(&line).unwrap().mounts;
+        assert_eq!(
+            mounts,
+            vec![
+                ShareMount {
+                    tag: "berth-m0".into(),
+                    target: "/mnt/ref".into(),
+                    read_only: true
+                },
+                ShareMount {
+                    tag: "berth-m1".into(),
+                    target: "/data".into(),
+                    read_only: false
+                },
+            ]
+        );
+        for (bad, want) in [
+            (r#"[{"tag":"Bad Tag","target":"/x"}]"#, "tag"),
+            (r#"[{"tag":"","target":"/x"}]"#, "tag"),
+            (r#"[{"tag":"m","target":"/a/../etc"}]"#, "target"),
+            (r#"[{"tag":"m","target":"/"}]"#, "target"),
+            (r#"[{"tag":"m","target":"rel"}]"#, "target"),
+            (r#"[{"tag":"m","target":"/x","extra":1}]"#, "json"),
+            (r#"{"tag":"m"}"#, "json"),
+        ] {
+            let err = VmOptions::parse(&format!("berth.mounts={}", encode(bad))).unwrap_err();
+            let kind = match err {
+                CmdlineError::MountTag(_) => "tag",
+                CmdlineError::MountTarget(_) => "target",
+                CmdlineError::Mounts(_) => "json",
+                _ => "other",
+            };
+            assert_eq!(kind, want, "{bad}: {err}");
+        }
     }
 
     #[test]
