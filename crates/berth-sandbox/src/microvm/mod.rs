@@ -299,6 +299,11 @@ impl MicroVmDriver {
         self.vmm.name()
     }
 
+    /// The daemon that serves host directory mounts, if it is installed.
+    pub fn virtiofsd(&self) -> Option<&Path> {
+        Some(self.config.virtiofsd.as_path()).filter(|p| p.is_file())
+    }
+
     fn vm_dir(&self) -> PathBuf {
         self.config.data_dir.join("vm")
     }

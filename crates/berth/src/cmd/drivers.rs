@@ -112,6 +112,13 @@ async fn print_microvm_info(d: &ServerDrivers) {
         return;
     };
     println!("driver microvm: yes ({})", vm.vmm_name());
+    match vm.virtiofsd() {
+        Some(path) => println!("microvm mounts: yes (virtio-fs, {})", path.display()),
+        None => println!(
+            "microvm mounts: no (runtimes with --mount run as namespace sandboxes): \
+             virtiofsd is missing (apt-get install qemu-system-common)"
+        ),
+    }
     match d.images.find(berth_api::runtime::defaults::IMAGE_HOST) {
         Err(why) => println!("microvm accel: unknown until a guest image exists: {why}"),
         Ok(image) => match vm.accel() {
