@@ -195,6 +195,31 @@ pub fn backing_file(device: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(text.trim_end()))
 }
 
+/// The loop devices attached to `image` (from sysfs, like `losetup -j`), sorted. A
+/// device stays listed until its autoclear has finished, which can be a moment after the
+/// last unmount of the filesystem on it.
+pub fn devices_backed_by(image: &Path) -> Vec<PathBuf> {
+    // sysfs names the backing file by its real path, with " (deleted)" once unlinked.
+    let wanted = fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return vec![];
+    };
+    let mut devices: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .filter(|device| {
+            backing_file(device).is_some_and(|file| {
+                let file = file.as_os_str().as_bytes();
+                let file = file.strip_suffix(b" (deleted)").unwrap_or(file);
+                file == wanted.as_os_str().as_bytes()
+            })
+        })
+        .collect();
+    devices.sort();
+    devices
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,8 +244,13 @@ mod tests {
             Err(e) => panic!("attach: {e:#?}"),
         };
         assert_eq!(backing_file(dev.path()).as_deref(), Some(img.as_path()));
+        assert_eq!(devices_backed_by(&img), vec![dev.path().to_path_buf()]);
+        // An unlinked image is still found (sysfs appends " (deleted)").
+        fs::remove_file(&img).expect("unlink image");
+        assert_eq!(devices_backed_by(&img), vec![dev.path().to_path_buf()]);
         let path = dev.path().to_path_buf();
         drop(dev);
+        assert_eq!(devices_backed_by(&img), Vec::<PathBuf>::new());
         // Autoclear runs on the last close.
         assert_eq!(
             backing_file(&path),

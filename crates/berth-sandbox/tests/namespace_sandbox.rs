@@ -431,6 +431,12 @@ async fn dead_sandbox_is_cleaned_up() {
         eprintln!("skipping namespace sandbox test: {why}");
         return;
     }
+    // `RUST_LOG=berth_sandbox=debug` shows how long `stop` waited for the workspace's
+    // loop device (the container's mount namespace goes away asynchronously).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let tmp = tempfile::tempdir().expect("tmp");
     let config = NamespaceConfig::new(tmp.path(), berth_exe().expect("berth"));
     let driver = NamespaceDriver::new(config).expect("driver");
@@ -452,4 +458,39 @@ async fn dead_sandbox_is_cleaned_up() {
     assert!(driver.adopt(&req).await.expect("adopt").is_none());
     assert_no_leaks(tmp.path(), &session);
     assert!(driver.leftovers().await.is_empty());
+}
+
+/// `stop` returns only once the workspace's loop device is gone, even when the
+/// container's mount namespace (which holds the workspace mount too) outlives the
+/// host's unmount. Normally that is a moment of asynchronous teardown in the kernel;
+/// here a held `/proc/<init>/ns/mnt` stretches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_waits_for_the_workspace_loop_device() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping namespace sandbox test: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = NamespaceConfig::new(tmp.path(), berth_exe().expect("berth"));
+    let driver = NamespaceDriver::new(config).expect("driver");
+    let session = format!("held-{}", std::process::id());
+    let req = request(&session, 7);
+    let _guard = StopOnDrop::new(&data_dir_of(&driver), &session);
+    let sandbox = driver.start(&req).await.expect("start");
+    let image = driver.workspace_image(&session);
+    let attached = berth_sandbox::loopdev::devices_backed_by(&image);
+    assert_eq!(attached.len(), 1, "{attached:?}");
+    let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", sandbox.init_pid)).expect("mnt ns");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(ns);
+    });
+    driver.stop(&session).await.expect("stop");
+    assert_eq!(
+        berth_sandbox::loopdev::devices_backed_by(&image),
+        Vec::<PathBuf>::new(),
+        "stop returned with the workspace still attached"
+    );
+    holder.join().expect("holder");
+    assert_no_leaks(tmp.path(), &session);
 }

@@ -33,7 +33,7 @@ use self::paths::{check_session_id, DataDir, SessionPaths};
 use self::rootfs::HostLayout;
 use self::spec::{BindMount, SpecInput, GUEST_EXE};
 use crate::common::{io_error, start_error};
-use crate::volume;
+use crate::{loopdev, volume};
 
 /// How long `start` waits for the guest agent's first `Health` answer.
 const GUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -48,6 +48,10 @@ const MAX_SOCKET_PATH: usize = 107;
 const SOCKET_WAIT: Duration = Duration::from_millis(100);
 /// `guest.log` is truncated when it grows past this.
 const GUEST_LOG_MAX: u64 = 1 << 20;
+/// How long `stop` waits for the workspace image's loop device to be released, and how
+/// often it looks (see [`NamespaceDriver::wait_for_workspace_release`]).
+const LOOP_RELEASE_WAIT: Duration = Duration::from_secs(5);
+const LOOP_RELEASE_POLL: Duration = Duration::from_millis(20);
 
 /// Where the driver keeps its state and which uids it hands out.
 #[derive(Debug, Clone)]
@@ -238,6 +242,66 @@ fn world_reachable(path: &Path, executed: bool) -> bool {
             .ancestors()
             .skip(1)
             .all(|dir| fs::metadata(dir).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+/// Why the sandboxes could not use a data dir (see [`check_data_dir`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataDirError {
+    /// Ancestors without `o+x`, outermost first, with their modes.
+    #[error(
+        "the data dir {} is not reachable by sandboxed users: {}; choose a data dir whose \
+         parent directories all have o+x (e.g. /var/lib/berth) or run chmod o+x {}",
+        .data_dir.display(),
+        modes(.blocked_by),
+        dirs(.blocked_by)
+    )]
+    Unreachable {
+        data_dir: PathBuf,
+        blocked_by: Vec<(PathBuf, u32)>,
+    },
+}
+
+fn modes(blocked_by: &[(PathBuf, u32)]) -> String {
+    let modes: Vec<String> = blocked_by
+        .iter()
+        .map(|(dir, mode)| format!("{} has mode {mode:04o}", dir.display()))
+        .collect();
+    modes.join(", ")
+}
+
+fn dirs(blocked_by: &[(PathBuf, u32)]) -> String {
+    let dirs: Vec<String> = blocked_by
+        .iter()
+        .map(|(dir, _)| dir.display().to_string())
+        .collect();
+    dirs.join(" ")
+}
+
+/// Check that the sandboxes' users can traverse every ancestor of `data_dir` to reach
+/// their rootfs and socket under `run/` (the driver gives the data dir itself, `run/`
+/// and `images/` `o+x`). Sandbox root is an unprivileged host uid, neither owner nor
+/// group of these directories, so each needs `o+x`; without it every start fails late
+/// with libcontainer's "failed to prepare rootfs". Symlinks in `data_dir` are resolved
+/// first; ancestors whose mode cannot be read are not reported.
+pub fn check_data_dir(data_dir: &Path) -> Result<(), DataDirError> {
+    let data_dir = fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let mut blocked_by: Vec<(PathBuf, u32)> = data_dir
+        .ancestors()
+        .skip(1)
+        .filter_map(|dir| {
+            let mode = fs::metadata(dir).ok()?.mode() & 0o7777;
+            (mode & 0o001 == 0).then(|| (dir.to_path_buf(), mode))
+        })
+        .collect();
+    if blocked_by.is_empty() {
+        return Ok(());
+    }
+    // Outermost first, the order in which a path walk meets them.
+    blocked_by.reverse();
+    Err(DataDirError::Unreachable {
+        data_dir,
+        blocked_by,
+    })
 }
 
 impl NamespaceDriver {
@@ -498,6 +562,7 @@ impl NamespaceDriver {
         if paths.dir.exists() {
             // A leftover of an earlier sandbox: the core asks to start, so it is dead.
             self.helper("stop", &paths).await?;
+            self.wait_for_workspace_release(&req.session_id).await;
         }
         let image = self.data.workspace_image(&req.session_id);
         let size = req.runtime.workspace_size;
@@ -599,10 +664,45 @@ impl NamespaceDriver {
     async fn stop_inner(&self, session_id: &str) -> Result<(), SandboxError> {
         check_session_id(session_id)?;
         let paths = self.data.session(session_id);
-        if !paths.dir.exists() {
-            return Ok(());
+        if paths.dir.exists() {
+            self.helper("stop", &paths).await?;
         }
-        self.helper("stop", &paths).await
+        // Also when the run dir is gone: a failed `sandbox-helper start` stops itself.
+        self.wait_for_workspace_release(session_id).await;
+        Ok(())
+    }
+
+    /// Wait, up to [`LOOP_RELEASE_WAIT`], until no loop device is backed by the session's
+    /// workspace image any more; warns if one still is, never fails. `sandbox-helper
+    /// stop` unmounts the host's mount of the workspace, but the container's mount
+    /// namespace held one too, and the kernel tears a dead namespace down
+    /// asynchronously: the autoclear device (and the filesystem on it) can outlive
+    /// `stop` for a moment, and a start right after would mount the image again while
+    /// the old instance is still shutting down.
+    async fn wait_for_workspace_release(&self, session_id: &str) {
+        let image = self.data.workspace_image(session_id);
+        let start = Instant::now();
+        let mut waited = false;
+        loop {
+            let devices = loopdev::devices_backed_by(&image);
+            if devices.is_empty() {
+                if waited {
+                    tracing::debug!(session = %session_id, waited = ?start.elapsed(), "workspace loop device released");
+                }
+                return;
+            }
+            waited = true;
+            if start.elapsed() >= LOOP_RELEASE_WAIT {
+                tracing::warn!(
+                    session = %session_id,
+                    image = %image.display(),
+                    ?devices,
+                    "the workspace image is still attached to a loop device {LOOP_RELEASE_WAIT:?} after stop"
+                );
+                return;
+            }
+            tokio::time::sleep(LOOP_RELEASE_POLL).await;
+        }
     }
 
     fn init_of(&self, session_id: &str) -> Option<InitProcess> {
@@ -770,5 +870,48 @@ impl Driver for NamespaceDriver {
 
     fn workspace_image(&self, session_id: &str) -> PathBuf {
         self.data.workspace_image(session_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_under_a_closed_parent_is_unreachable() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let base = tmp.path().canonicalize().expect("temp dir");
+        // Independent of the umask: the temp dir itself is traversable.
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let closed = base.join("closed");
+        let data_dir = closed.join("inner/data");
+        fs::create_dir_all(&data_dir).expect("mkdir");
+        fs::set_permissions(closed.join("inner"), fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        fs::set_permissions(&closed, fs::Permissions::from_mode(0o700)).expect("chmod");
+        // The data dir's own mode is the driver's business (it adds o+x).
+        fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let ours = |e: &DataDirError| {
+            let DataDirError::Unreachable { blocked_by, .. } = e;
+            blocked_by
+                .iter()
+                .filter(|(dir, _)| dir.starts_with(&base))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let err = check_data_dir(&data_dir).expect_err("closed parent");
+        assert_eq!(ours(&err), vec![(closed.clone(), 0o700)]);
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("{} has mode 0700", closed.display()))
+                && message.contains(&format!("chmod o+x {}", closed.display())),
+            "{message}"
+        );
+
+        fs::set_permissions(&closed, fs::Permissions::from_mode(0o711)).expect("chmod");
+        // Anything still reported lies above the temp dir (an unusual TMPDIR).
+        if let Err(e) = check_data_dir(&data_dir) {
+            assert_eq!(ours(&e), vec![], "{e}");
+        }
     }
 }

@@ -28,10 +28,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let data_dir = data_dir
         .canonicalize()
         .context("cannot resolve the data dir")?;
+    // Refuse now rather than fail every session's start later; `--info` only reports it.
+    let unreachable = match berth_sandbox::namespace::check_data_dir(&data_dir) {
+        Err(e) if !args.info => return Err(e.into()),
+        result => result.err(),
+    };
 
     let drivers = super::drivers::build(&args, &data_dir)?;
     if args.info {
         super::drivers::print_info(&drivers, &data_dir).await;
+        if let Some(e) = unreachable {
+            println!("data dir unusable: {e}; `berth server` refuses to start");
+        }
         print_tls_info(&args, &data_dir);
         return Ok(());
     }

@@ -10,6 +10,7 @@
 pub mod agentcore;
 pub mod drivers;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -135,6 +136,10 @@ impl Server {
             .prefix("berth-it-")
             .tempdir()
             .expect("temp dir");
+        // The sandboxes' mapped users must traverse it (`berth server` refuses a data dir
+        // they cannot reach), whatever the umask.
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
         let data_dir = root.path().join("data");
         let log = root.path().join("server.log");
         let mut s = Server {
