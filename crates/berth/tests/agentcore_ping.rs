@@ -3,18 +3,21 @@
 //! whose `@app.async_task` work goes on after its invoke returned keeps its session
 //! running past the runtime's idle timeout while its `/ping` says `HealthyBusy`; once the
 //! work is over (`Healthy`), the session idles out, although the server keeps polling.
+//! The same holds across a server restart (SIGKILL, then the core adopts the running
+//! sandbox): the restarted server polls the adopted agent without waiting for an invoke,
+//! and the next invoke reaches the same agent process.
 //!
-//! **Slow: about 140 s.** The idle timeout is 60 s, the least the AgentCore model allows
-//! (`idleRuntimeSessionTimeout` 60..), and there is no faster lifecycle for tests: the
-//! session is watched busy past one timeout, then idle for another.
+//! **Slow: about 150 s each** (the two tests run in parallel). The idle timeout is 60 s,
+//! the least the AgentCore model allows (`idleRuntimeSessionTimeout` 60..), and there is
+//! no faster lifecycle for tests: the session is watched busy past one timeout, then idle
+//! for another.
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use common::agentcore::{encode, host_python, run, vendored};
+use common::agentcore::{encode, sid, zip_for};
 use common::{poll, uniq, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -62,54 +65,6 @@ if __name__ == "__main__":
     app.run()
 "#;
 
-/// A stored zip of the vendored packages and `main.py`, or `None` (printed) when this
-/// host cannot build it.
-async fn agent_zip(test: &str) -> Option<(PathBuf, String)> {
-    let Some((python, runtime)) = host_python() else {
-        eprintln!("skipping {test}: the host has no /usr/bin/python3.N");
-        return None;
-    };
-    let built = tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
-        let vendor = vendored(&python)?;
-        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let stem = format!("agentcore-ping-{}", std::process::id());
-        let (main, zip) = (
-            tmp.join(format!("{stem}.py")),
-            tmp.join(format!("{stem}.zip")),
-        );
-        std::fs::write(&main, AGENT).map_err(|e| e.to_string())?;
-        let script = r#"
-import os, sys, zipfile
-vendor, main, out = sys.argv[1:4]
-with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
-    for root, dirs, files in os.walk(vendor):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for f in sorted(files):
-            if f != ".complete":
-                p = os.path.join(root, f)
-                z.write(p, os.path.relpath(p, vendor))
-    z.write(main, "main.py")
-"#;
-        let made = run(Command::new(&python)
-            .arg("-c")
-            .arg(script)
-            .arg(&vendor)
-            .arg(&main)
-            .arg(&zip));
-        let _ = std::fs::remove_file(&main);
-        made.map(|()| zip)
-    })
-    .await
-    .expect("zip task");
-    match built {
-        Ok(zip) => Some((zip, runtime)),
-        Err(e) => {
-            eprintln!("skipping {test}: cannot build the agent's zip: {e}");
-            None
-        }
-    }
-}
-
 async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
@@ -142,23 +97,12 @@ async fn native_session(s: &Server, id: &str) -> Value {
     body
 }
 
-#[tokio::test]
-async fn healthy_busy_keeps_the_session_from_idling_then_it_idles_out() {
-    const TEST: &str = "healthy_busy_keeps_the_session_from_idling_then_it_idles_out";
-    let Some((zip, runtime)) = agent_zip(TEST).await else {
-        return;
-    };
-    let Some(s) = Server::start(TEST).await else {
-        let _ = std::fs::remove_file(&zip);
-        return;
-    };
+/// Put the agent's zip in the object store and create its runtime: (id, ARN), READY.
+async fn create_runtime(s: &Server, zip: &Path, runtime: &str) -> (String, String) {
     let key = format!("{}.zip", uniq("agent"));
     let dest = s.data_dir.join("buckets/agents").join(&key);
     std::fs::create_dir_all(dest.parent().expect("parent")).expect("bucket");
-    std::fs::rename(&zip, &dest)
-        .or_else(|_| std::fs::copy(&zip, &dest).map(drop))
-        .expect("the zip into the object store");
-    let _ = std::fs::remove_file(&zip);
+    std::fs::copy(zip, &dest).expect("the zip into the object store");
     let (status, created) = send(s.http(Method::PUT, "/runtimes/").json(&json!({
         "agentRuntimeName": "ping_agent",
         "roleArn": ROLE,
@@ -179,7 +123,35 @@ async fn healthy_busy_keeps_the_session_from_idling_then_it_idles_out() {
     .await;
     assert_eq!(ready["status"], "READY", "{ready}");
     let arn = ready["agentRuntimeArn"].as_str().expect("arn").to_string();
-    let sid = format!("{:0<40}", format!("ping-{}-", uniq("s")));
+    (id, arn)
+}
+
+/// The work ends (the agent says Healthy from then on): the session idles out, with the
+/// server still polling `/ping` all along. The agent that answers is the one that
+/// started the work (a restarted agent would know of none).
+async fn release_then_idle_out(s: &Server, arn: &str, sid: &str, native: &str) {
+    let released = invoke(s, arn, sid, json!({"action": "release"})).await;
+    assert_eq!(released["status_before"], "HealthyBusy", "{released}");
+    tokio::time::sleep(IDLE).await;
+    let stopped = poll("the session to idle out", || async {
+        let v = native_session(s, native).await;
+        (v["state"] == "stopped").then_some(v)
+    })
+    .await;
+    assert_eq!(stopped["stop_reason"], "idle_timeout", "{stopped}");
+}
+
+#[tokio::test]
+async fn healthy_busy_keeps_the_session_from_idling_then_it_idles_out() {
+    const TEST: &str = "healthy_busy_keeps_the_session_from_idling_then_it_idles_out";
+    let Some((zip, runtime)) = zip_for(TEST, AGENT, true).await else {
+        return;
+    };
+    let Some(s) = Server::start(TEST).await else {
+        return;
+    };
+    let (id, arn) = create_runtime(&s, &zip, &runtime).await;
+    let sid = sid("ping");
     let native = format!("ac.{id}.{sid}");
 
     // Background work outlives the invoke; nothing else happens for longer than the
@@ -195,15 +167,39 @@ async fn healthy_busy_keeps_the_session_from_idling_then_it_idles_out() {
         s.log_text()
     );
 
-    // The work ends (the agent says Healthy from then on): the session idles out, with
-    // the server still polling `/ping` all along.
-    let released = invoke(&s, &arn, &sid, json!({"action": "release"})).await;
-    assert_eq!(released["status_before"], "HealthyBusy", "{released}");
-    tokio::time::sleep(IDLE).await;
-    let stopped = poll("the session to idle out", || async {
-        let v = native_session(&s, &native).await;
-        (v["state"] == "stopped").then_some(v)
-    })
-    .await;
-    assert_eq!(stopped["stop_reason"], "idle_timeout", "{stopped}");
+    release_then_idle_out(&s, &arn, &sid, &native).await;
+}
+
+#[tokio::test]
+async fn healthy_busy_keeps_an_adopted_session_from_idling_after_a_server_restart() {
+    const TEST: &str = "healthy_busy_keeps_an_adopted_session_from_idling_after_a_server_restart";
+    let Some((zip, runtime)) = zip_for(TEST, AGENT, true).await else {
+        return;
+    };
+    let Some(mut s) = Server::start(TEST).await else {
+        return;
+    };
+    let (id, arn) = create_runtime(&s, &zip, &runtime).await;
+    let sid = sid("ping-restart");
+    let native = format!("ac.{id}.{sid}");
+    let started = invoke(&s, &arn, &sid, json!({"action": "start"})).await;
+    assert_eq!(started["status"], "HealthyBusy", "{started}");
+
+    // The server dies and comes back; the core adopts the running sandbox, whose idle
+    // clock starts again. Nothing invokes the agent for longer than the idle timeout.
+    s.kill_server();
+    s.restart().await;
+    tokio::time::sleep(IDLE + Duration::from_secs(10)).await;
+    let busy = native_session(&s, &native).await;
+    assert_eq!(busy["state"], "running", "{busy}\n{}", s.log_text());
+    let log = s.log_text();
+    let after_restart = &log[log.rfind("berth: listening on").expect("a listening line")..];
+    assert!(
+        after_restart.contains("the agent reports HealthyBusy"),
+        "{log}"
+    );
+
+    // The next invoke finds the agent ready: the same process answers.
+    release_then_idle_out(&s, &arn, &sid, &native).await;
+    assert_eq!(s.log_text().matches("agentcore: agent started").count(), 1);
 }

@@ -32,6 +32,19 @@ pub fn native_name(runtime_id: &str, version: u32) -> String {
     format!("ac.{runtime_id}.v{version}")
 }
 
+/// The runtime id and version a native runtime name serves ([`native_name`] read back),
+/// if it is one (runtime ids have no dots).
+pub fn parse_native_name(name: &str) -> Option<(&str, u32)> {
+    let (runtime_id, version) = name.strip_prefix("ac.")?.split_once(".v")?;
+    if runtime_id.is_empty()
+        || runtime_id.contains('.')
+        || !version.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    Some((runtime_id, version.parse().ok()?))
+}
+
 fn secs(v: Option<i64>, default: u64) -> u64 {
     v.and_then(|v| u64::try_from(v).ok()).unwrap_or(default)
 }
@@ -295,6 +308,23 @@ mod tests {
         let name = native_name(&id, 99999);
         berth_api::validate::id("name", &name).unwrap();
         assert_eq!(native_name("x-0123456789", 2), "ac.x-0123456789.v2");
+        assert_eq!(parse_native_name(&name), Some((id.as_str(), 99999)));
+        assert_eq!(
+            parse_native_name("ac.x-0123456789.v2"),
+            Some(("x-0123456789", 2))
+        );
+        for other in [
+            "default",
+            "ac.x-0123456789",
+            "ac..v2",
+            "ac.x-0123456789.v",
+            "ac.x-0123456789.v+2",
+            "ac.x-0123456789.v2.v3",
+            "ac.x.y-0123456789.v2",
+            "xac.x-0123456789.v2",
+        ] {
+            assert_eq!(parse_native_name(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -168,7 +168,8 @@ struct Inner {
 
 impl AgentCore {
     /// Start over the core and its store with the host as the base image. Versions a
-    /// killed server left CREATING or UPDATING are marked failed (see README).
+    /// killed server left CREATING or UPDATING are marked failed (see README), and the
+    /// agents of the sessions the core adopted are polled again (in the background).
     pub async fn start(
         core: Core,
         store: Store,
@@ -199,6 +200,12 @@ impl AgentCore {
             }),
         };
         ac.recover().await.map_err(AgentCoreError::Recover)?;
+        // `Core::new` adopted the sandboxes a previous server left running before it
+        // returned the core, so every session to resume is known by now. In the
+        // background: probing each agent must not hold up the server's start, and the
+        // per-session agent lock orders it with invokes that come meanwhile.
+        let resuming = ac.clone();
+        tokio::spawn(async move { resuming.resume_agents().await });
         Ok(ac)
     }
 

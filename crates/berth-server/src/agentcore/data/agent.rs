@@ -19,13 +19,18 @@
 //!    RuntimeClientError (424) carrying the end of its output. A per-session lock lets
 //!    one request start the agent while concurrent ones wait for it. Once ready, the
 //!    agent's `/ping` is polled while it runs (`ping.rs`).
+//! 4. **Restart.** A server that starts again finds the agents of the sandboxes its core
+//!    adopted still running, maybe busy with background work. [`AgentCore::resume_agents`]
+//!    asks each one `/ping` as the readiness probe does: one that answers is marked ready
+//!    (the next invoke uses it as it is) and polled; one that does not is polled all the
+//!    same, and left for the next invoke to wait for as usual.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, Request, Response, StatusCode};
 use berth_api::shell::{AttachMode, AttachOptions, OpenShell};
-use berth_api::{CommandRequest, ErrorCode};
+use berth_api::{CommandRequest, ErrorCode, SessionState};
 use berth_core::{Core, CoreError, ExecEvent, ShellEvent, TunnelKind};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -36,8 +41,8 @@ use hyper_util::rt::TokioIo;
 use super::runtime_client_error;
 use super::sessions::RuntimeSession;
 use crate::agentcore::artifacts::ManagedRuntime;
-use crate::agentcore::mapping::{Protocol, ServerProtocol};
-use crate::agentcore::{AgentCore, AwsError, Target};
+use crate::agentcore::mapping::{self, Protocol, ServerProtocol};
+use crate::agentcore::{runtimes, AgentCore, AwsError, Target};
 
 /// The agent's shell id in its session.
 pub const AGENT_SHELL: &str = "agentcore-agent";
@@ -54,6 +59,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const TAIL_BYTES: usize = 4096;
 /// The helper commands' time limit (copying code in is the longest).
 const HELPER_TIMEOUT_S: f64 = 300.0;
+/// How many adopted sessions' agents are looked at together after a restart.
+const RESUME_CONCURRENCY: usize = 8;
 
 /// A request to the agent failed.
 #[derive(Debug)]
@@ -425,6 +432,77 @@ impl AgentCore {
             ServerProtocol::Mcp | ServerProtocol::A2a => !status.is_server_error(),
         };
         Ok(if ready { Probe::Ready } else { Probe::NotYet })
+    }
+
+    /// After a server restart, once the core has adopted the sandboxes still running:
+    /// poll the agents of the AgentCore sessions among them again. Until their next
+    /// invoke nothing else would ask them, and one busy with background work
+    /// (`HealthyBusy`) would idle out. Sessions are told by their native runtime
+    /// (`ac.<id>.v<N>`, which gives the version and so the protocol's port).
+    pub(crate) async fn resume_agents(&self) {
+        let sessions = match self.core().list_sessions().await {
+            Ok(sessions) => sessions,
+            Err(e) => {
+                tracing::warn!(error = %e, "agentcore: cannot list the adopted sessions; their agents are polled from their next invoke");
+                return;
+            }
+        };
+        let adopted = sessions.into_iter().filter_map(|s| {
+            if s.state != SessionState::Running || !s.id.starts_with("ac.") {
+                return None;
+            }
+            let (runtime_id, version) = mapping::parse_native_name(&s.runtime)?;
+            Some((s.id.clone(), runtime_id.to_string(), version))
+        });
+        futures::stream::iter(adopted)
+            .for_each_concurrent(RESUME_CONCURRENCY, |(native, runtime_id, version)| async move {
+                if let Err(e) = self.resume_agent(&native, &runtime_id, version).await {
+                    tracing::warn!(session = %native, error = %e, "agentcore: cannot poll an adopted session's agent; it is polled from the next invoke");
+                }
+            })
+            .await;
+    }
+
+    /// [`Self::resume_agents`] for one session: under its agent lock (an invoke may be
+    /// starting the agent meanwhile), find the running agent shell, probe it as
+    /// [`Self::wait_ready`] does, mark it ready if it answers, and poll it.
+    async fn resume_agent(
+        &self,
+        native: &str,
+        runtime_id: &str,
+        version: u32,
+    ) -> Result<(), AwsError> {
+        let Some(rec) = self
+            .store()
+            .agentcore()
+            .get_version(runtime_id, version)
+            .await?
+        else {
+            return Ok(());
+        };
+        let protocol = mapping::protocol(&runtimes::spec_of(&rec)?);
+        let data = &self.inner.data;
+        let _lock = data.lock(native).await;
+        let core = self.core();
+        let shells = core.list_shells(native).await?;
+        let Some(shell) = shells
+            .iter()
+            .find(|sh| sh.shell_id == AGENT_SHELL && sh.running)
+        else {
+            return Ok(());
+        };
+        if data.is_ready(native, shell.started_at_ms) {
+            return Ok(()); // an invoke came first
+        }
+        let ready = matches!(self.probe(native, &protocol).await?, Probe::Ready);
+        if ready {
+            data.set_ready(native, Some(shell.started_at_ms));
+        }
+        data.pollers
+            .start(core, native, protocol.port, shell.started_at_ms);
+        tracing::info!(session = %native, port = protocol.port, ready,
+            "agentcore: polling an adopted session's agent again");
+        Ok(())
     }
 
     /// Wait until the agent shell started at `started_at_ms` answers its ping, watching

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `address.rs` | the `{runtime}` segment (ARN or id + `accountId`) and `qualifier` |
 //! | `sessions.rs` | runtime session id → native session; StopRuntimeSession |
-//! | `agent.rs` | code copy, the agent's shell, readiness (`GET /ping`), the HTTP client over a port tunnel |
+//! | `agent.rs` | code copy, the agent's shell, readiness (`GET /ping`), adopted agents after a restart, the HTTP client over a port tunnel |
 //! | `ping.rs` | `/ping` polling while the agent runs: `HealthyBusy` holds the session busy, `time_of_last_update` is noted |
 //! | `invoke.rs` | InvokeAgentRuntime and GetAgentCard: headers in, streamed body out |
 //! | `command.rs` | InvokeAgentRuntimeCommand as an event stream |

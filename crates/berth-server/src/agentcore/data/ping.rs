@@ -14,8 +14,10 @@
 //! The poll goes over a [`TunnelKind::HealthCheck`] tunnel, which is not activity:
 //! otherwise the poller would keep every session alive for ever. One poller runs per
 //! session, started when the agent has answered its readiness ping (so sessions whose
-//! agent never started, such as commands-only ones, have none); it ends when the session
-//! stops or the agent's shell ends, and a new agent gets a new poller.
+//! agent never started, such as commands-only ones, have none), or after a server
+//! restart for each adopted session whose agent shell runs (`agent.rs`,
+//! `AgentCore::resume_agents`); it ends when the session stops or the agent's shell
+//! ends, and a new agent gets a new poller.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::{address, set_header, SESSION_HEADER};
+use crate::agentcore::mapping;
 use crate::agentcore::request_id::new_id;
 use crate::agentcore::validate::{self, Checker};
 use crate::agentcore::{Ac, AgentCore, AwsError, Body, PathParams, Query, Target};
@@ -100,10 +101,9 @@ pub struct RuntimeSession {
 
 /// The version a native runtime name `ac.<id>.v<N>` serves, if it is one of `runtime_id`'s.
 fn version_of(runtime_id: &str, native_runtime: &str) -> Option<u32> {
-    native_runtime
-        .strip_prefix(&format!("ac.{runtime_id}.v"))?
-        .parse()
-        .ok()
+    mapping::parse_native_name(native_runtime)
+        .filter(|(id, _)| *id == runtime_id)
+        .map(|(_, version)| version)
 }
 
 impl AgentCore {
