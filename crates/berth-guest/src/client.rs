@@ -1,10 +1,14 @@
-//! Host side of the guest protocol: connect to a guest over its unix socket.
+//! Host side of the guest protocol: connect to a guest over its unix socket, or over
+//! vsock (through a hybrid-vsock daemon's unix socket, or the kernel's vhost-vsock).
 
+use std::future::Future;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::guest_client::GuestClient;
@@ -23,14 +27,18 @@ const STREAM_WINDOW: u32 = 4 << 20;
 /// window would let a few stalled calls block every other call on the connection;
 /// memory is bounded per stream by `STREAM_WINDOW` instead.
 const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Longest reply to `CONNECT <port>` we read from a hybrid-vsock daemon (`OK <port>` is
+/// at most 14 bytes).
+const MAX_HYBRID_REPLY: usize = 64;
 
 /// A connected guest. Cheap to clone; all clones share one HTTP/2 connection.
 pub type Guest = GuestClient<Channel>;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to the guest agent at {path}")]
+#[error("cannot connect to the guest agent at {target}")]
 pub struct ConnectError {
-    path: PathBuf,
+    /// Where we dialled, for the message: "unix socket …", "vsock port … through …".
+    target: String,
     #[source]
     source: tonic::transport::Error,
 }
@@ -38,8 +46,57 @@ pub struct ConnectError {
 /// Connect to a guest listening on a unix socket.
 pub async fn connect_unix(path: &Path) -> Result<Guest, ConnectError> {
     let socket = path.to_path_buf();
+    connect_with(
+        || format!("unix socket {}", path.display()),
+        move || tokio::net::UnixStream::connect(socket.clone()),
+    )
+    .await
+}
+
+/// Connect to a guest's vsock `port` through a hybrid-vsock daemon's unix socket `uds`
+/// (`vhost-device-vsock --vm …,uds-path=UDS`, Firecracker's scheme): send
+/// `CONNECT <port>\n`, read `OK <n>\n`, and the socket then carries the guest
+/// connection. While the guest has no listener on `port` (the VM is still booting) the
+/// daemon closes the socket instead of replying: that is an `io::Error` of kind
+/// `ConnectionRefused` at the bottom of the error's source chain, and the caller should
+/// retry (so is a daemon whose VM has not set up the device yet; a daemon that is not
+/// running at all is the unix socket's own `NotFound`/`ConnectionRefused`). The same
+/// handshake runs again whenever the channel reconnects.
+pub async fn connect_hybrid_vsock(uds: &Path, port: u32) -> Result<Guest, ConnectError> {
+    let socket = uds.to_path_buf();
+    connect_with(
+        || format!("vsock port {port} through {}", uds.display()),
+        move || hybrid_vsock_handshake(socket.clone(), port),
+    )
+    .await
+}
+
+/// Connect to a guest's vsock `port` at `cid` through the kernel's vhost-vsock backend
+/// (`AF_VSOCK`; QEMU's `-device vhost-vsock-device,guest-cid=CID`). A connect to a
+/// port nobody listens on yet fails at once, so callers retry as with the hybrid
+/// scheme. Neither run nor tested here: it needs `/dev/vhost-vsock` on the host, which
+/// the development machines lack; it only shares `connect_with` with the tested paths.
+pub async fn connect_vsock(cid: u32, port: u32) -> Result<Guest, ConnectError> {
+    connect_with(
+        || format!("vsock {cid}:{port}"),
+        move || tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port)),
+    )
+    .await
+}
+
+/// The one place the HTTP/2 connection to a guest is configured, whatever `dial` opens
+/// (it runs again on every reconnect of the channel). `target` names it in errors.
+async fn connect_with<D, F, S>(
+    target: impl FnOnce() -> String,
+    dial: D,
+) -> Result<Guest, ConnectError>
+where
+    D: Fn() -> F + Send + 'static,
+    F: Future<Output = io::Result<S>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     // The URI is required by the HTTP/2 layer but never resolved: the connector below
-    // always dials the socket.
+    // always calls `dial`.
     let channel = Endpoint::from_static("http://guest.berth")
         // Bulk output (command stdout, file reads) flows guest → host: let the guest
         // send large frames and keep several chunks in flight per round trip. The
@@ -48,20 +105,74 @@ pub async fn connect_unix(path: &Path) -> Result<Guest, ConnectError> {
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
+            let dialled = dial();
+            async move { Ok::<_, io::Error>(TokioIo::new(dialled.await?)) }
         }))
         .await
         .map_err(|source| ConnectError {
-            path: path.to_path_buf(),
+            target: target(),
             source,
         })?;
     Ok(GuestClient::new(channel)
         .max_decoding_message_size(8 << 20)
         .max_encoding_message_size(8 << 20))
+}
+
+/// Open `uds` and ask the daemon for the guest's `port`. Returns the socket positioned
+/// at the first byte from the guest: the reply is read one byte at a time so that none
+/// of the HTTP/2 bytes behind it are consumed.
+async fn hybrid_vsock_handshake(uds: PathBuf, port: u32) -> io::Result<tokio::net::UnixStream> {
+    let mut stream = tokio::net::UnixStream::connect(&uds).await?;
+    let reply = read_reply(&mut stream, port).await.map_err(|err| {
+        // `vhost-device-vsock` closes a connection without a word while the guest has no
+        // listener on the port (EOF), and accepts and closes at once while the VM has not
+        // set up its device yet (EPIPE or ECONNRESET, whichever we hit first). Both
+        // mean: not ready yet, try again.
+        match err.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset => io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "the guest is not listening on vsock port {port} yet (the vsock daemon \
+                     closed the connection)"
+                ),
+            ),
+            _ => err,
+        }
+    })?;
+    if !reply.starts_with(b"OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the vsock daemon replied {:?} to CONNECT {port}",
+                String::from_utf8_lossy(&reply)
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
+/// Send `CONNECT <port>` and read the reply line, without its newline. EOF before the
+/// newline is `UnexpectedEof`.
+async fn read_reply(stream: &mut tokio::net::UnixStream, port: u32) -> io::Result<Vec<u8>> {
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    let mut reply = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            return Ok(reply);
+        }
+        reply.push(byte);
+        if reply.len() >= MAX_HYBRID_REPLY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the vsock daemon's reply to CONNECT {port} has no newline"),
+            ));
+        }
+    }
 }
 
 /// Upload `data` to `target` (a plain file, or a tar archive to unpack) with the framing

@@ -24,14 +24,18 @@ pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest needs, when they are not built in: virtio-mmio transport (found
 /// through ACPI on `microvm`), the root and workspace disks, the host channel
-/// (virtio-serial), overlayfs for a writable root over the read-only image, and
-/// virtio-fs (with FUSE) for a runtime's host directory mounts.
+/// (virtio-serial, or vsock over virtio where the host supports it), overlayfs for a
+/// writable root over the read-only image, and virtio-fs (with FUSE) for a runtime's
+/// host directory mounts.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
     "virtio_blk",
     "virtio_console",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
     "overlay",
     "fuse",
     "virtiofs",

@@ -83,10 +83,11 @@ An image is three files and a manifest.json that lists them with their SHA-256:
                   package it depends on), fetched with `apt-get download`, unpacked
                   with `dpkg-deb -x` (never installed on this host), decompressed
                   out of vmlinuz
-  initramfs.cpio  uncompressed newc cpio: /init = this berth binary (debug sections
-                  stripped unless --no-strip), the shared libraries it needs, the
-                  virtio and overlay kernel modules in /lib/modules/berth/ with their
-                  load order in /lib/modules/berth/order
+  initramfs.cpio.lz4
+                  newc cpio, lz4-compressed (legacy frame, as `lz4 -l`): /init = this
+                  berth binary (debug sections stripped unless --no-strip), the shared
+                  libraries it needs, the virtio and overlay kernel modules in
+                  /lib/modules/berth/ with their load order in /lib/modules/berth/order
   rootfs.ext4     read-only ext4 (label berth-root) made from --from:
                   host  the host's /usr, /bin, /sbin, /lib*, /etc, with the same /etc
                         secrets masked as in namespace sandboxes (shadow, sudoers, ssh
@@ -183,6 +184,16 @@ pub struct ServerArgs {
     /// `tcg` (software emulation: development and tests only) when KVM cannot.
     #[arg(long, value_enum, default_value = "auto")]
     pub microvm_accel: AccelArg,
+    /// How the server talks to a microVM's guest agent: `auto` uses vsock where the host
+    /// kernel offers `/dev/vhost-vsock`, else a virtio-serial port; `vhost-user-vsock`
+    /// runs a `vhost-device-vsock` daemon per VM (`cargo install vhost-device-vsock`)
+    /// for vsock without the kernel's vhost-vsock.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub microvm_channel: ChannelArg,
+    /// The `vhost-device-vsock` binary for `--microvm-channel vhost-user-vsock`
+    /// (default: found on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub vhost_device_vsock: Option<std::path::PathBuf>,
     /// What runtimes created without `--isolation` (isolation `auto`) get: `auto` picks
     /// `microvm` when KVM really boots the guest here and a guest image is built, else
     /// `namespace`; `microvm` pins microVMs even under TCG.
@@ -248,6 +259,14 @@ pub struct ServerArgs {
         help_heading = "HTTPS"
     )]
     pub tls_san: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelArg {
+    Auto,
+    Serial,
+    Vsock,
+    VhostUserVsock,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -6,6 +6,7 @@
 //! QEMU is started in its own process group and survives a server restart, which then
 //! re-adopts it over the same socket. See `README.md` in this directory.
 
+pub mod channel;
 pub mod virtiofs;
 pub mod vmm;
 
@@ -21,8 +22,9 @@ use berth_api::RuntimeSpec;
 use berth_core::driver::{Driver, DriverError, Sandbox, SandboxRequest, SandboxStats};
 use berth_guest::client::Guest;
 
+use self::channel::{Channel, Link};
 use self::virtiofs::{IdMap, Share};
-use self::vmm::{Accel, ShareDevice, VmSpec, Vmm};
+use self::vmm::{Accel, ChannelDevice, ShareDevice, VmSpec, Vmm};
 use crate::common::{io_error, start_error};
 use crate::namespace::cgroup::{CgroupLimits, SandboxCgroup};
 use crate::namespace::init_process::InitProcess;
@@ -40,9 +42,6 @@ pub const MIN_MEMORY: u64 = 256 << 20;
 
 /// How long the KVM probe may take to boot the guest (KVM boots in well under a second).
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
-/// Pause between a failed guest connection and the next: longer than the guest takes
-/// to notice a hang-up (250 ms), so the next connection starts clean.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
 /// How long `adopt` gives a guest that is already up to serve a new connection.
 const ADOPT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long `stop` waits for the VMM to exit after the guest's shutdown, then kills it.
@@ -91,6 +90,8 @@ pub struct MicroVmConfig {
     pub uid_range: u32,
     /// The vhost-user-fs daemon serving a runtime's host directory mounts.
     pub virtiofsd: PathBuf,
+    /// How the host reaches the guest agent.
+    pub channel: Channel,
 }
 
 impl MicroVmConfig {
@@ -102,6 +103,7 @@ impl MicroVmConfig {
             uid_base: ns.uid_base,
             uid_range: ns.uid_range,
             virtiofsd: PathBuf::from(virtiofs::DEFAULT_VIRTIOFSD),
+            channel: Channel::Serial,
         }
     }
 }
@@ -136,6 +138,12 @@ pub enum VmError {
     Running,
     #[error("uid slot {0} is beyond the uid range")]
     UidSlot(u32),
+    #[error("cannot start the vsock daemon {daemon}")]
+    VsockDaemon {
+        daemon: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot share {source_dir} with the VM")]
     Share {
         source_dir: PathBuf,
@@ -149,7 +157,11 @@ pub enum VmError {
 /// Everything ephemeral of one VM lives under `vm/<session>/`.
 struct VmPaths {
     dir: PathBuf,
+    /// The serial port's chardev socket.
     channel: PathBuf,
+    /// The vhost-user vsock daemon's dir (`vu`: QEMU's socket, `hv`: ours), outside
+    /// `vm/` because the daemon runs unprivileged.
+    vsock_dir: PathBuf,
     cgroup: String,
 }
 
@@ -167,6 +179,21 @@ impl VmPaths {
     /// The share daemons' stderr.
     fn virtiofsd_log(&self) -> PathBuf {
         self.dir.join("virtiofsd.log")
+    }
+    /// The vsock daemon's stderr.
+    fn vsock_log(&self) -> PathBuf {
+        self.dir.join("vsock.log")
+    }
+    /// Which channel this VM was started with ([`Link::record`]).
+    fn link_record(&self) -> PathBuf {
+        self.dir.join("channel")
+    }
+    /// The link recorded for this VM; VMs of an older berth have none: serial.
+    fn link(&self) -> Link {
+        fs::read_to_string(self.link_record())
+            .ok()
+            .and_then(|text| Link::parse(&text, &self.channel, &self.vsock_dir.join("hv")))
+            .unwrap_or_else(|| Link::Serial(self.channel.clone()))
     }
     /// The vhost-user socket of the `i`th mount: next to the channel (short paths).
     fn share_socket(&self, i: usize) -> PathBuf {
@@ -258,6 +285,12 @@ impl MicroVmDriver {
             MicroVmConfig {
                 data_dir: dir.clone(),
                 boot_deadline: PROBE_DEADLINE,
+                // The probe asks whether KVM boots the guest; its private data dir is
+                // not reachable for an unprivileged vsock daemon.
+                channel: match &self.config.channel {
+                    Channel::VhostUserVsock { .. } => Channel::Serial,
+                    other => other.clone(),
+                },
                 ..self.config.clone()
             },
             self.vmm.clone(),
@@ -299,6 +332,11 @@ impl MicroVmDriver {
         self.vmm.name()
     }
 
+    /// How the host reaches the guest agent.
+    pub fn channel(&self) -> &Channel {
+        &self.config.channel
+    }
+
     /// The daemon that serves host directory mounts, if it is installed.
     pub fn virtiofsd(&self) -> Option<&Path> {
         Some(self.config.virtiofsd.as_path()).filter(|p| p.is_file())
@@ -316,6 +354,7 @@ impl MicroVmDriver {
         VmPaths {
             dir: self.vm_dir().join(session),
             channel: self.vm_dir().join(".sock").join(hex(&digest[..8])),
+            vsock_dir: self.config.data_dir.join("vsock").join(hex(&digest[..8])),
             cgroup: format!("/berth/{}/{session}", hex(&server[..6])),
         }
     }
@@ -331,7 +370,12 @@ impl MicroVmDriver {
     /// other channel before its agent serves): `berth.hostname`, `berth.workspace_path`,
     /// `berth.pids` (the guest puts every command in a cgroup with that `pids.max`) and
     /// the runtime's env as `berth.env=<base64url(JSON object)>`.
-    fn cmdline(req: &SandboxRequest, shares: &[Share], accel: Accel) -> Result<String, VmError> {
+    fn cmdline(
+        req: &SandboxRequest,
+        shares: &[Share],
+        vsock: bool,
+        accel: Accel,
+    ) -> Result<String, VmError> {
         let rt = &req.runtime;
         // `panic=-1`: a guest kernel panic reboots, which `-no-reboot` turns into the
         // VMM exiting, so the host sees it.
@@ -346,6 +390,9 @@ impl MicroVmDriver {
             let json = serde_json::to_vec(&rt.env).unwrap_or_default();
             let env = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
             line.push_str(&format!(" berth.env={env}"));
+        }
+        if vsock {
+            line.push_str(&format!(" berth.channel=vsock:{}", channel::GUEST_PORT));
         }
         if !shares.is_empty() {
             let mounts: Vec<_> = shares
@@ -378,6 +425,7 @@ impl MicroVmDriver {
         req: &SandboxRequest,
         image: &GuestImage,
         paths: &VmPaths,
+        channel: ChannelDevice,
         shares: &[Share],
         accel: Accel,
     ) -> Result<VmSpec, VmError> {
@@ -391,10 +439,15 @@ impl MicroVmDriver {
         Ok(VmSpec {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
-            cmdline: Self::cmdline(req, shares, accel)?,
+            cmdline: Self::cmdline(
+                req,
+                shares,
+                !matches!(channel, ChannelDevice::Serial(_)),
+                accel,
+            )?,
             rootfs: image.rootfs.clone(),
             workspace: self.workspace_image(&req.session_id),
-            channel: paths.channel.clone(),
+            channel,
             console_log: paths.console(),
             vcpus,
             memory_mib: (rt.memory >> 20).max(MIN_MEMORY >> 20),
@@ -428,6 +481,59 @@ impl MicroVmDriver {
             .collect()
     }
 
+    /// The host uid the session's guest root maps to in its helper daemons (as the
+    /// namespace driver maps a sandbox of the same slot).
+    fn root_id(&self, req: &SandboxRequest) -> Result<u32, VmError> {
+        req.uid_slot
+            .checked_mul(self.config.uid_range)
+            .and_then(|off| off.checked_add(self.config.uid_base))
+            .filter(|id| id.checked_add(self.config.uid_range).is_some())
+            .ok_or(VmError::UidSlot(req.uid_slot))
+    }
+
+    /// The channel's device and the host's way in; starts the vsock daemon (in the VM's
+    /// cgroup) when the channel needs one.
+    async fn start_channel(
+        &self,
+        req: &SandboxRequest,
+        paths: &VmPaths,
+        cgroup: &SandboxCgroup,
+    ) -> Result<(ChannelDevice, Link), VmError> {
+        Ok(match &self.config.channel {
+            Channel::Serial => (
+                ChannelDevice::Serial(paths.channel.clone()),
+                Link::Serial(paths.channel.clone()),
+            ),
+            Channel::KernelVsock => {
+                let mut key = self.vm_dir().into_os_string().into_encoded_bytes();
+                key.extend_from_slice(req.session_id.as_bytes());
+                let cid = channel::guest_cid(&key);
+                (ChannelDevice::KernelVsock { cid }, Link::Kernel { cid })
+            }
+            Channel::VhostUserVsock { daemon } => {
+                let failed = |source| VmError::VsockDaemon {
+                    daemon: daemon.clone(),
+                    source,
+                };
+                let log = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(paths.vsock_log())
+                    .map_err(failed)?;
+                let pid = channel::spawn_daemon(daemon, &paths.vsock_dir, self.root_id(req)?, &log)
+                    .await
+                    .map_err(failed)?;
+                if let Err(e) = cgroup.attach(pid) {
+                    tracing::warn!(session = %req.session_id, error = %e, "cannot move the vsock daemon into the VM's cgroup");
+                }
+                (
+                    ChannelDevice::VhostUserVsock(paths.vsock_dir.join("vu")),
+                    Link::Hybrid(paths.vsock_dir.join("hv")),
+                )
+            }
+        })
+    }
+
     /// Start one `virtiofsd` per share, in the VM's cgroup, mapped to the session's
     /// uid range (see `virtiofs.rs`).
     fn start_shares(
@@ -440,14 +546,8 @@ impl MicroVmDriver {
         if shares.is_empty() {
             return Ok(());
         }
-        let root_id = req
-            .uid_slot
-            .checked_mul(self.config.uid_range)
-            .and_then(|off| off.checked_add(self.config.uid_base))
-            .filter(|id| id.checked_add(self.config.uid_range).is_some())
-            .ok_or(VmError::UidSlot(req.uid_slot))?;
         let ids = IdMap {
-            root_id,
+            root_id: self.root_id(req)?,
             count: self.config.uid_range,
         };
         let log_path = paths.virtiofsd_log();
@@ -505,12 +605,15 @@ impl MicroVmDriver {
             .map_err(prep(&paths.dir))?;
         let _ = fs::remove_file(&paths.channel);
         let shares = Self::shares(req, &paths);
-        for share in &shares {
-            if share.socket.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(VmError::SocketPath(share.socket.clone()));
+        let sockets = shares
+            .iter()
+            .map(|s| s.socket.clone())
+            .chain([paths.vsock_dir.join("vu"), paths.vsock_dir.join("hv")]);
+        for socket in sockets {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmError::SocketPath(socket));
             }
         }
-        let spec = self.spec(req, image, &paths, &shares, accel)?;
         let cgroup = SandboxCgroup::new(&paths.cgroup);
         cgroup
             .create(&CgroupLimits {
@@ -519,6 +622,9 @@ impl MicroVmDriver {
                 pids: VMM_PIDS,
             })
             .map_err(prep(Path::new(&paths.cgroup)))?;
+        let (device, link) = self.start_channel(req, &paths, &cgroup).await?;
+        fs::write(paths.link_record(), link.record()).map_err(prep(&paths.link_record()))?;
+        let spec = self.spec(req, image, &paths, device, &shares, accel)?;
         self.start_shares(req, &shares, &paths, &cgroup)?;
         let vmm_log = fs::File::create(paths.vmm_log()).map_err(prep(&paths.vmm_log()))?;
         let mut cmd = tokio::process::Command::from(self.vmm.command(&spec));
@@ -542,7 +648,7 @@ impl MicroVmDriver {
             .ok_or_else(|| VmError::Exited(self.console_tail(&paths)))?;
         vmm.write(&paths.pid()).map_err(prep(&paths.pid()))?;
         let guest = self
-            .wait_for_guest(&paths, vmm, self.config.boot_deadline)
+            .wait_for_guest(&paths, &link, vmm, self.config.boot_deadline)
             .await?;
         tracing::debug!(
             session = %session,
@@ -560,16 +666,18 @@ impl MicroVmDriver {
         })
     }
 
-    /// Connect to the channel socket and wait for `Health`. Bytes sent before the
-    /// guest opens its port wait in QEMU, so one connection sees a booting guest come
+    /// Connect over `link` and wait for `Health`. On the serial port, bytes sent before
+    /// the guest opens its port wait in QEMU, so one connection sees a booting guest come
     /// up. A connection can still fail: QEMU creates the socket a moment before it
     /// listens, and right after an earlier host hung up the guest may still be writing
     /// to that one (QEMU hands those bytes to the next host). So a failed attempt is
-    /// retried on a fresh connection after [`RECONNECT_PAUSE`], which outlasts the
-    /// guest's hang-up detection.
+    /// retried on a fresh connection after [`Link::retry_pause`], which on the serial
+    /// port outlasts the guest's hang-up detection. A vsock connection is refused until
+    /// the guest listens, and is simply tried again.
     async fn wait_for_guest(
         &self,
         paths: &VmPaths,
+        link: &Link,
         vmm: InitProcess,
         deadline: Duration,
     ) -> Result<Guest, VmError> {
@@ -584,11 +692,7 @@ impl MicroVmDriver {
             if left.is_zero() {
                 return Err(timeout());
             }
-            if !paths.channel.exists() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            let Ok(guest) = berth_guest::client::connect_unix(&paths.channel).await else {
+            let Some(guest) = link.connect().await else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
@@ -613,7 +717,7 @@ impl MicroVmDriver {
                 return Ok(guest);
             }
             drop(guest);
-            tokio::time::sleep(RECONNECT_PAUSE).await;
+            tokio::time::sleep(link.retry_pause()).await;
         }
     }
 
@@ -621,6 +725,7 @@ impl MicroVmDriver {
         let mut text = fs::read(paths.console()).unwrap_or_default();
         text.extend(fs::read(paths.vmm_log()).unwrap_or_default());
         text.extend(fs::read(paths.virtiofsd_log()).unwrap_or_default());
+        text.extend(fs::read(paths.vsock_log()).unwrap_or_default());
         let tail = &text[text.len().saturating_sub(2000)..];
         String::from_utf8_lossy(tail).trim().to_string()
     }
@@ -708,6 +813,9 @@ impl MicroVmDriver {
         for i in 0..berth_api::runtime::defaults::MAX_MOUNTS {
             let _ = fs::remove_file(paths.share_socket(i));
         }
+        if paths.vsock_dir.exists() {
+            let _ = fs::remove_dir_all(&paths.vsock_dir);
+        }
         if paths.dir.exists() {
             fs::remove_dir_all(&paths.dir).map_err(|source| VmError::Prepare {
                 path: paths.dir.clone(),
@@ -788,7 +896,11 @@ impl Driver for MicroVmDriver {
             return Ok(None);
         }
         if let Some(vmm) = InitProcess::read(&paths.pid()).filter(InitProcess::is_alive) {
-            if let Ok(guest) = self.wait_for_guest(&paths, vmm, ADOPT_DEADLINE).await {
+            let link = paths.link();
+            if let Ok(guest) = self
+                .wait_for_guest(&paths, &link, vmm, ADOPT_DEADLINE)
+                .await
+            {
                 return Ok(Some(Sandbox {
                     guest,
                     init_pid: vmm.pid as u32,

@@ -1,7 +1,8 @@
 //! The virtual machine monitor behind the microVM driver. QEMU's `microvm` machine is
 //! the one Debian ships; Firecracker or Cloud Hypervisor fit behind [`Vmm`] where their
 //! binaries exist (both boot the same `vmlinux` + initramfs and take virtio-blk disks;
-//! their host↔guest channel is vsock, which the guest would then serve instead).
+//! their host↔guest channel is vsock, which the guest serves with
+//! `berth.channel=vsock:<port>`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,8 +36,8 @@ pub struct VmSpec {
     pub rootfs: PathBuf,
     /// The session's workspace image (serial `berth-ws`).
     pub workspace: PathBuf,
-    /// Unix socket the VMM listens on for the guest protocol channel.
-    pub channel: PathBuf,
+    /// The device carrying the guest protocol.
+    pub channel: ChannelDevice,
     /// Where the guest console (kernel messages, agent log) is appended.
     pub console_log: PathBuf,
     pub vcpus: u32,
@@ -44,6 +45,17 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Host directories served by vhost-user-fs daemons, by guest tag.
     pub shares: Vec<ShareDevice>,
+}
+
+/// The guest protocol's device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelDevice {
+    /// A virtio-serial port named [`CHANNEL_NAME`]; the VMM listens on this unix socket.
+    Serial(PathBuf),
+    /// vhost-vsock in the host kernel, with this guest CID.
+    KernelVsock { cid: u32 },
+    /// A vhost-user vsock device whose daemon listens on this unix socket.
+    VhostUserVsock(PathBuf),
 }
 
 /// One virtio-fs device: the guest mounts `tag`; the daemon listens on `socket`.
@@ -107,7 +119,8 @@ impl Vmm for Qemu {
         let memory_mib = spec.memory_mib.max(128);
         // A vhost-user daemon maps the guest's RAM itself, so with shares the RAM is a
         // shared memfd (otherwise plain anonymous memory, as before).
-        let shared_ram = !spec.shares.is_empty();
+        let shared_ram =
+            !spec.shares.is_empty() || matches!(spec.channel, ChannelDevice::VhostUserVsock(_));
         // `acpi=on`: this kernel finds virtio-mmio devices only through ACPI (it lacks
         // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); see ../shared/notes/microvm-facts.md.
         cmd.args([
@@ -167,18 +180,26 @@ impl Vmm for Qemu {
             &format!("id=ws,file={},format=raw,if=none", arg(&spec.workspace)),
             "-device",
             &format!("virtio-blk-device,drive=ws,serial={WORKSPACE_SERIAL}"),
-        ])
-        .args([
-            "-device",
-            "virtio-serial-device",
-            "-chardev",
-            &format!(
-                "socket,id=ch0,path={},server=on,wait=off",
-                arg(&spec.channel)
-            ),
-            "-device",
-            &format!("virtserialport,chardev=ch0,name={CHANNEL_NAME}"),
         ]);
+        match &spec.channel {
+            ChannelDevice::Serial(socket) => cmd.args([
+                "-device",
+                "virtio-serial-device",
+                "-chardev",
+                &format!("socket,id=ch0,path={},server=on,wait=off", arg(socket)),
+                "-device",
+                &format!("virtserialport,chardev=ch0,name={CHANNEL_NAME}"),
+            ]),
+            ChannelDevice::KernelVsock { cid } => {
+                cmd.args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
+            }
+            ChannelDevice::VhostUserVsock(socket) => cmd.args([
+                "-chardev",
+                &format!("socket,id=ch0,path={}", arg(socket)),
+                "-device",
+                "vhost-user-vsock-device,chardev=ch0",
+            ]),
+        };
         if shared_ram {
             cmd.args([
                 "-object",
@@ -209,7 +230,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet".into(),
             rootfs: "/d/images/x/rootfs.ext4".into(),
             workspace: "/d/work,spaces/s.ext4".into(),
-            channel: "/d/vm/.sock/ab".into(),
+            channel: ChannelDevice::Serial("/d/vm/.sock/ab".into()),
             console_log: "/d/vm/s/console.log".into(),
             vcpus: 2,
             memory_mib: 512,
@@ -239,6 +260,35 @@ mod tests {
     }
 
     #[test]
+    fn kernel_vsock_names_the_guest_cid_and_needs_no_shared_ram() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: String::new(),
+            rootfs: "/r".into(),
+            workspace: "/w".into(),
+            channel: ChannelDevice::KernelVsock { cid: 4242 },
+            console_log: "/l".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            accel: Accel::Kvm,
+            shares: vec![],
+        };
+        let joined = Qemu::default()
+            .command(&spec)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains("-device vhost-vsock-device,guest-cid=4242"),
+            "{joined}"
+        );
+        assert!(!joined.contains("virtio-serial"), "{joined}");
+        assert!(!joined.contains("memory-backend"), "{joined}");
+    }
+
+    #[test]
     fn shares_put_the_ram_in_a_shared_memfd() {
         let spec = VmSpec {
             kernel: "/k".into(),
@@ -246,7 +296,7 @@ mod tests {
             cmdline: String::new(),
             rootfs: "/r".into(),
             workspace: "/w".into(),
-            channel: "/c".into(),
+            channel: ChannelDevice::VhostUserVsock("/v/vu".into()),
             console_log: "/l".into(),
             vcpus: 1,
             memory_mib: 300,
@@ -282,5 +332,10 @@ mod tests {
             joined.contains("vhost-user-fs-device,chardev=fs1,tag=berth-m1"),
             "{joined}"
         );
+        assert!(
+            joined.contains("socket,id=ch0,path=/v/vu -device vhost-user-vsock-device,chardev=ch0"),
+            "{joined}"
+        );
+        assert!(!joined.contains("virtio-serial"), "{joined}");
     }
 }

@@ -4,10 +4,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use berth_sandbox::microvm::channel::{self, Channel};
 use berth_sandbox::microvm::vmm::{Accel, Qemu};
 use berth_sandbox::{Drivers, MicroVmConfig, MicroVmDriver, NamespaceConfig, NamespaceDriver};
 
-use crate::cli::{AccelArg, ServerArgs};
+use crate::cli::{AccelArg, ChannelArg, ServerArgs};
 use crate::images::BuiltImages;
 
 pub struct ServerDrivers {
@@ -42,9 +43,10 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
             AccelArg::Tcg => Some(Accel::Tcg),
         };
         let mut config = MicroVmConfig::new(data_dir);
-        // A session's share daemons run as the same host uids a namespace sandbox of
-        // the same slot would.
+        // A session's helper daemons (shares, vsock) run as the same host uids a
+        // namespace sandbox of the same slot would.
         config.uid_base = args.uid_base;
+        config.channel = channel(args)?;
         let driver = MicroVmDriver::new(config, Arc::new(qemu), images.clone(), accel)
             .context("cannot prepare the microVM driver's directories")?;
         (Some(Arc::new(driver)), None)
@@ -67,6 +69,30 @@ pub fn build(args: &ServerArgs, data_dir: &Path) -> anyhow::Result<ServerDrivers
         microvm,
         microvm_missing,
         images,
+    })
+}
+
+/// The microVM channel `--microvm-channel` asks for, if this host has it.
+fn channel(args: &ServerArgs) -> anyhow::Result<Channel> {
+    Ok(match args.microvm_channel {
+        ChannelArg::Auto => Channel::detect(),
+        ChannelArg::Serial => Channel::Serial,
+        ChannelArg::Vsock => {
+            if !channel::kernel_vsock_available() {
+                anyhow::bail!(
+                    "--microvm-channel vsock needs /dev/vhost-vsock (modprobe vhost_vsock), \
+                     which this host lacks; use auto, serial or vhost-user-vsock"
+                );
+            }
+            Channel::KernelVsock
+        }
+        ChannelArg::VhostUserVsock => {
+            let daemon = channel::find_daemon(args.vhost_device_vsock.as_deref()).context(
+                "--microvm-channel vhost-user-vsock needs vhost-device-vsock (cargo install \
+                     vhost-device-vsock, or give --vhost-device-vsock PATH)",
+            )?;
+            Channel::VhostUserVsock { daemon }
+        }
     })
 }
 
@@ -111,7 +137,11 @@ async fn print_microvm_info(d: &ServerDrivers) {
         );
         return;
     };
-    println!("driver microvm: yes ({})", vm.vmm_name());
+    println!(
+        "driver microvm: yes ({}, guest channel {})",
+        vm.vmm_name(),
+        vm.channel().name()
+    );
     match vm.virtiofsd() {
         Some(path) => println!("microvm mounts: yes (virtio-fs, {})", path.display()),
         None => println!(

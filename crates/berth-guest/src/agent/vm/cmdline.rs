@@ -34,10 +34,28 @@ pub(super) struct VmOptions {
     /// `berth.mounts=<base64url(JSON array of {tag, target, read_only})>`: host
     /// directories shared over virtio-fs, each mounted at `target` by its `tag`.
     pub mounts: Vec<ShareMount>,
+    /// `berth.channel`: how the host reaches the agent (default the virtio-serial port).
+    pub channel: Channel,
     /// `berth.*` keys this version does not know; logged, not fatal, so a newer host can
     /// pass options an older guest ignores.
     pub unknown: Vec<String>,
 }
+
+/// The transport the guest protocol is served on (`berth.channel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Channel {
+    /// `berth.channel=serial`, or no `berth.channel`: the virtio-serial port named
+    /// `berth.0` (`port.rs`).
+    Serial,
+    /// `berth.channel=vsock:PORT`: an `AF_VSOCK` listener on `PORT`, any CID
+    /// (`vsock.rs`).
+    Vsock { port: u32 },
+}
+
+/// Ports below 1024 are privileged, as in TCP (binding them needs
+/// `CAP_NET_BIND_SERVICE`); `u32::MAX` is `VMADDR_PORT_ANY`, which no host can connect
+/// to.
+const VSOCK_PORTS: std::ops::RangeInclusive<u32> = 1024..=u32::MAX - 1;
 
 /// One virtio-fs share the host attached (`-device vhost-user-fs-device,tag=…`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -72,6 +90,11 @@ pub(super) enum CmdlineError {
     MountTag(String),
     #[error("berth.mounts target {0:?} must be absolute, without `..`, and not /")]
     MountTarget(String),
+    #[error(
+        "berth.channel {0:?} must be `serial` or `vsock:<port>` with a decimal port from 1024 \
+         to 4294967294"
+    )]
+    Channel(String),
 }
 
 impl VmOptions {
@@ -84,6 +107,7 @@ impl VmOptions {
             log: None,
             env: BTreeMap::new(),
             mounts: Vec::new(),
+            channel: Channel::Serial,
             unknown: Vec::new(),
         };
         for word in words(cmdline) {
@@ -131,6 +155,7 @@ impl VmOptions {
                 "log" => options.log = Some(value.to_string()),
                 "env" => options.env = parse_env(value)?,
                 "mounts" => options.mounts = parse_mounts(value)?,
+                "channel" => options.channel = parse_channel(value)?,
                 _ => options.unknown.push(key.to_string()),
             }
         }
@@ -143,6 +168,21 @@ fn is_sandbox_path(path: &Path) -> bool {
     path.is_absolute()
         && path.components().all(|c| c != Component::ParentDir)
         && path.components().any(|c| matches!(c, Component::Normal(_)))
+}
+
+fn parse_channel(value: &str) -> Result<Channel, CmdlineError> {
+    if value == "serial" {
+        return Ok(Channel::Serial);
+    }
+    let port = value
+        .strip_prefix("vsock:")
+        .filter(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|port| port.parse::<u32>().ok())
+        .filter(|port| VSOCK_PORTS.contains(port));
+    match port {
+        Some(port) => Ok(Channel::Vsock { port }),
+        None => Err(CmdlineError::Channel(value.to_string())),
+    }
 }
 
 fn parse_mounts(value: &str) -> Result<Vec<ShareMount>, CmdlineError> {
@@ -230,6 +270,7 @@ mod tests {
         assert_eq!(options.log, None);
         assert_eq!(options.pids, None);
         assert!(options.env.is_empty());
+        assert_eq!(options.channel, Channel::Serial);
         assert!(options.unknown.is_empty());
     }
 
@@ -338,6 +379,40 @@ mod tests {
         for bad in ["", "0", "-1", "+5", "1k", "max", "18446744073709551616"] {
             let err = VmOptions::parse(&format!("berth.pids={bad}")).unwrap_err();
             assert_eq!(err, CmdlineError::Pids(bad.to_string()));
+        }
+    }
+
+    #[test]
+    fn reads_the_channel() {
+        let channel = |line: &str| VmOptions::parse(line).map(|options| options.channel);
+        assert_eq!(channel("quiet berth.channel=serial"), Ok(Channel::Serial));
+        assert_eq!(
+            channel("quiet berth.channel=vsock:1024"),
+            Ok(Channel::Vsock { port: 1024 })
+        );
+        assert_eq!(
+            channel("berth.channel=\"vsock:4294967294\""),
+            Ok(Channel::Vsock { port: u32::MAX - 1 })
+        );
+        for bad in [
+            "",
+            "vsock",
+            "vsock:",
+            "vsock:1023",
+            "vsock:0",
+            "vsock:4294967295",
+            "vsock:4294967296",
+            "vsock:+2000",
+            "vsock:-1",
+            "vsock:0x400",
+            "vsock:1024 ",
+            "vsock:3:1024",
+            "VSOCK:1024",
+            "tcp:1024",
+            "serial:0",
+        ] {
+            let err = channel(&format!("berth.channel=\"{bad}\"")).unwrap_err();
+            assert_eq!(err, CmdlineError::Channel(bad.to_string()));
         }
     }
 }

@@ -1,18 +1,19 @@
 //! VM mode: `berth` started by the kernel as `/init` of a microVM's initramfs. It
 //! assembles the sandbox's root, then serves the guest protocol on a virtio-serial port
-//! exactly like `berth guest` does on a unix socket, and powers the VM off at the end.
-//! See `README.md` in this directory.
+//! or a vsock listener (`berth.channel`) exactly like `berth guest` does on a unix
+//! socket, and powers the VM off at the end. See `README.md` in this directory.
 
 mod boot;
 mod cmdline;
 mod port;
+mod vsock;
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
 use super::reaper::Reaper;
-use cmdline::VmOptions;
+use cmdline::{Channel, VmOptions};
 
 /// `name=` of the virtserialport the host attaches to QEMU's chardev socket.
 const PORT_NAME: &str = "berth.0";
@@ -51,11 +52,20 @@ fn boot_and_serve() -> anyhow::Result<()> {
     let served = super::block_on(async {
         super::setup_process(true);
         let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
-        let path = wait_for_port().await?;
-        let port = port::Port::open(&path)
-            .with_context(|| format!("cannot open the virtio-serial port {}", path.display()))?;
-        tracing::info!(port = %path.display(), "guest agent serving on virtio-serial");
-        super::serve(reaper, cgroup, port::incoming(port)).await
+        match options.channel {
+            Channel::Serial => {
+                let path = wait_for_port().await?;
+                let port = port::Port::open(&path).with_context(|| {
+                    format!("cannot open the virtio-serial port {}", path.display())
+                })?;
+                tracing::info!(port = %path.display(), "guest agent serving on virtio-serial");
+                super::serve(reaper, cgroup, port::incoming(port)).await
+            }
+            Channel::Vsock { port } => {
+                let listener = vsock::listen(port).await?;
+                super::serve(reaper, cgroup, vsock::incoming(listener)).await
+            }
+        }
     });
     boot::unmount_workspace(&workspace);
     served
