@@ -222,6 +222,32 @@ impl Vmm for Qemu {
 mod tests {
     use super::*;
 
+    /// A spec with placeholder paths, 1 vCPU and 256 MiB under KVM; tests change what
+    /// they look at.
+    fn spec(channel: ChannelDevice) -> VmSpec {
+        VmSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: String::new(),
+            rootfs: "/r".into(),
+            workspace: "/w".into(),
+            channel,
+            console_log: "/l".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            accel: Accel::Kvm,
+            shares: vec![],
+        }
+    }
+
+    fn args(spec: &VmSpec) -> Vec<String> {
+        Qemu::default()
+            .command(spec)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn qemu_command_line() {
         let spec = VmSpec {
@@ -230,18 +256,12 @@ mod tests {
             cmdline: "console=ttyS0 quiet".into(),
             rootfs: "/d/images/x/rootfs.ext4".into(),
             workspace: "/d/work,spaces/s.ext4".into(),
-            channel: ChannelDevice::Serial("/d/vm/.sock/ab".into()),
-            console_log: "/d/vm/s/console.log".into(),
             vcpus: 2,
             memory_mib: 512,
             accel: Accel::Tcg,
-            shares: vec![],
+            ..spec(ChannelDevice::Serial("/d/vm/.sock/ab".into()))
         };
-        let cmd = Qemu::default().command(&spec);
-        let args: Vec<String> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let args = args(&spec);
         let joined = args.join(" ");
         assert!(joined.contains("-M microvm,accel=tcg,acpi=on"), "{joined}");
         assert!(joined.contains("-smp 2 -m 512M"), "{joined}");
@@ -261,25 +281,7 @@ mod tests {
 
     #[test]
     fn kernel_vsock_names_the_guest_cid_and_needs_no_shared_ram() {
-        let spec = VmSpec {
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            cmdline: String::new(),
-            rootfs: "/r".into(),
-            workspace: "/w".into(),
-            channel: ChannelDevice::KernelVsock { cid: 4242 },
-            console_log: "/l".into(),
-            vcpus: 1,
-            memory_mib: 256,
-            accel: Accel::Kvm,
-            shares: vec![],
-        };
-        let joined = Qemu::default()
-            .command(&spec)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = args(&spec(ChannelDevice::KernelVsock { cid: 4242 })).join(" ");
         assert!(
             joined.contains("-device vhost-vsock-device,guest-cid=4242"),
             "{joined}"
@@ -291,16 +293,7 @@ mod tests {
     #[test]
     fn shares_put_the_ram_in_a_shared_memfd() {
         let spec = VmSpec {
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            cmdline: String::new(),
-            rootfs: "/r".into(),
-            workspace: "/w".into(),
-            channel: ChannelDevice::VhostUserVsock("/v/vu".into()),
-            console_log: "/l".into(),
-            vcpus: 1,
             memory_mib: 300,
-            accel: Accel::Kvm,
             shares: vec![
                 ShareDevice {
                     tag: "berth-m0".into(),
@@ -311,13 +304,9 @@ mod tests {
                     socket: "/s/c".into(),
                 },
             ],
+            ..spec(ChannelDevice::VhostUserVsock("/v/vu".into()))
         };
-        let joined = Qemu::default()
-            .command(&spec)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = args(&spec).join(" ");
         assert!(
             joined.contains("-M microvm,accel=kvm,acpi=on,memory-backend=ram"),
             "{joined}"
