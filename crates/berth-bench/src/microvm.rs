@@ -251,10 +251,14 @@ struct VmMemory {
     other_by_kind: BTreeMap<&'static str, u64>,
 }
 
+/// The boot files' names in an image dir: `initramfs.cpio` is what a berth from before
+/// the lz4 initramfs wrote (`--berth` may be one).
+const BOOT_FILES: &[&str] = &["/vmlinux", "/initramfs.cpio.lz4", "/initramfs.cpio"];
+
 /// What a mapping of the VMM other than the guest RAM is, for the breakdown.
 fn kind(m: &Mapping) -> &'static str {
     let file = !m.anon && !m.path.starts_with('[');
-    if file && (m.path.ends_with("/vmlinux") || m.path.ends_with("/initramfs.cpio")) {
+    if file && BOOT_FILES.iter().any(|f| m.path.ends_with(f)) {
         // QEMU keeps the boot files mapped (page cache, shared by every VM of the image).
         "boot files (vmlinux, initramfs)"
     } else if file {
@@ -679,19 +683,20 @@ mod tests {
     fn guest_ram_is_the_mapping_of_its_size() {
         let maps = vec![
             map("r-xp", "/usr/bin/qemu-system-x86_64", false, 20, 8),
-            map("r--p", "/d/images/host/initramfs.cpio", false, 32, 32),
+            map("r--p", "/d/images/host/initramfs.cpio.lz4", false, 32, 32),
+            map("r--p", "/d/images/old/initramfs.cpio", false, 4, 4),
             map("rw-p", "", true, 512, 100),
             map("rwxp", "", true, 1024, 30),
             map("rw-p", "[heap]", false, 40, 6),
             map("rw-p", "", true, 8, 2),
         ];
         let m = VmMemory::of(&maps, 512 << 20).unwrap();
-        assert_eq!(m.rss, 178 << 20);
+        assert_eq!(m.rss, 182 << 20);
         assert_eq!(m.guest_rss, 100 << 20);
         assert_eq!(m.other_anonymous, 38 << 20);
         let by = |k: &str| m.other_by_kind[k] >> 20;
         assert_eq!(by("QEMU binary and libraries"), 8);
-        assert_eq!(by("boot files (vmlinux, initramfs)"), 32);
+        assert_eq!(by("boot files (vmlinux, initramfs)"), 36);
         assert_eq!(by("anon exec (TCG code)"), 30);
         assert_eq!(by("anon (heap, stacks, buffers)"), 8);
         assert!(VmMemory::of(&maps, 256 << 20).is_err());

@@ -10,7 +10,7 @@
 //! drops the kernels no image uses any more.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -46,6 +46,7 @@ pub const LAYOUT: &str = "kernel-v1";
 /// The legacy lz4 frame magic (`0x184C2102` little-endian), also repeated between
 /// concatenated frames.
 const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+/// The most one block decompresses to (the kernel's decoder has room for no more).
 const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -582,38 +583,175 @@ pub fn lz4_legacy_decompress(data: &[u8]) -> Result<Vec<u8>, KernelError> {
     Ok(out)
 }
 
+/// Writes a legacy lz4 frame, the format [`lz4_legacy_decompress`] reads, `lz4 -l`
+/// writes and the kernel unpacks as a compressed initramfs (`CONFIG_RD_LZ4`): the
+/// magic, then each 8 MiB of input as one block (u32 LE compressed size, data), the
+/// last one shorter. No trailer: the kernel reads blocks until the initrd ends and
+/// would take an appended size for one more block. Holds one block of input and one
+/// of output, whatever the total.
+pub struct Lz4LegacyWriter<W: Write> {
+    inner: W,
+    /// Input not yet compressed: less than a block, except while being written out.
+    block: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+impl<W: Write> Lz4LegacyWriter<W> {
+    /// Writes the magic to `inner`.
+    pub fn new(mut inner: W) -> io::Result<Self> {
+        inner.write_all(&LZ4_LEGACY_MAGIC)?;
+        Ok(Self {
+            inner,
+            block: Vec::with_capacity(LZ4_LEGACY_BLOCK),
+            compressed: Vec::new(),
+        })
+    }
+
+    /// Compress what is left into the last block, flush, and return the sink.
+    pub fn finish(mut self) -> io::Result<W> {
+        if !self.block.is_empty() {
+            self.write_block()?;
+        }
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+
+    fn write_block(&mut self) -> io::Result<()> {
+        self.compressed.resize(
+            lz4_flex::block::get_maximum_output_size(self.block.len()),
+            0,
+        );
+        let n = lz4_flex::block::compress_into(&self.block, &mut self.compressed)
+            .map_err(io::Error::other)?;
+        // At most ~9 MiB (8 MiB plus lz4's worst-case growth), far from u32::MAX.
+        let size = u32::try_from(n).map_err(io::Error::other)?;
+        self.inner.write_all(&size.to_le_bytes())?;
+        self.inner.write_all(&self.compressed[..n])?;
+        self.block.clear();
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Lz4LegacyWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(LZ4_LEGACY_BLOCK - self.block.len());
+        self.block.extend_from_slice(&buf[..n]);
+        if self.block.len() == LZ4_LEGACY_BLOCK {
+            self.write_block()?;
+        }
+        Ok(n)
+    }
+
+    /// Flushes the sink only: a block is written when full or at [`Self::finish`], as
+    /// a short block anywhere but last would only cost space.
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn legacy_frame(parts: &[&[u8]], trailer: bool) -> Vec<u8> {
-        let mut frame = LZ4_LEGACY_MAGIC.to_vec();
-        let mut total = 0;
-        for p in parts {
-            let c = lz4_flex::block::compress(p);
-            frame.extend_from_slice(&(c.len() as u32).to_le_bytes());
-            frame.extend_from_slice(&c);
-            total += p.len();
-        }
+    /// `data` as a legacy lz4 frame, with the uncompressed size appended the way the
+    /// kernel's build appends it to a bzImage's payload when `trailer`.
+    fn legacy_frame(data: &[u8], trailer: bool) -> Vec<u8> {
+        let mut w = Lz4LegacyWriter::new(Vec::new()).expect("magic");
+        w.write_all(data).expect("compress");
+        let mut frame = w.finish().expect("last block");
         if trailer {
-            frame.extend_from_slice(&(total as u32).to_le_bytes());
+            frame.extend_from_slice(&(data.len() as u32).to_le_bytes());
         }
         frame
+    }
+
+    /// The blocks of a frame `legacy_frame` made: (compressed, decompressed) sizes.
+    fn blocks(frame: &[u8]) -> Vec<(usize, usize)> {
+        assert_eq!(frame[..4], LZ4_LEGACY_MAGIC);
+        let mut pos = 4;
+        let mut out = Vec::new();
+        while pos < frame.len() {
+            let size = u32::from_le_bytes(frame[pos..pos + 4].try_into().expect("4")) as usize;
+            let block = &frame[pos + 4..pos + 4 + size];
+            let mut buf = vec![0; LZ4_LEGACY_BLOCK];
+            let n = lz4_flex::block::decompress_into(block, &mut buf).expect("a block");
+            out.push((size, n));
+            pos += 4 + size;
+        }
+        out
     }
 
     #[test]
     fn legacy_frame_blocks_and_trailer() {
         let a: Vec<u8> = (0..LZ4_LEGACY_BLOCK).map(|i| (i % 251) as u8).collect();
         let b = b"\x7fELF and the rest".to_vec();
-        let frame = legacy_frame(&[&a, &b], true);
+        let frame = legacy_frame(&[&a[..], &b].concat(), true);
         let out = lz4_legacy_decompress(&frame).expect("decompress");
         assert_eq!(out.len(), a.len() + b.len());
         assert_eq!(&out[..a.len()], &a[..]);
         assert_eq!(&out[a.len()..], &b[..]);
-        assert!(lz4_legacy_decompress(&legacy_frame(&[&b], false)).is_ok());
-        let mut short = legacy_frame(&[&a], false);
+        assert!(lz4_legacy_decompress(&legacy_frame(&b, false)).is_ok());
+        let mut short = legacy_frame(&a, false);
         short.truncate(short.len() - 10);
         assert!(lz4_legacy_decompress(&short).is_err());
+    }
+
+    /// Compressible and incompressible bytes (xorshift), 2.5 blocks.
+    fn sample() -> Vec<u8> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..LZ4_LEGACY_BLOCK * 5 / 2)
+            .map(|i| {
+                if (i / 65536) % 2 == 0 {
+                    (i % 251) as u8
+                } else {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writer_cuts_8_mib_blocks_whatever_the_writes() {
+        let data = sample();
+        let mut w = Lz4LegacyWriter::new(Vec::new()).expect("magic");
+        for chunk in data.chunks(1_000_003) {
+            w.write_all(chunk).expect("write");
+            w.flush().expect("flush");
+        }
+        let frame = w.finish().expect("finish");
+        let sizes: Vec<usize> = blocks(&frame).iter().map(|b| b.1).collect();
+        assert_eq!(
+            sizes,
+            [LZ4_LEGACY_BLOCK, LZ4_LEGACY_BLOCK, LZ4_LEGACY_BLOCK / 2]
+        );
+        assert!(frame.len() < data.len(), "half the sample compresses");
+        assert!(lz4_legacy_decompress(&frame).expect("decompress") == data);
+
+        let empty = Lz4LegacyWriter::new(Vec::new()).expect("magic").finish();
+        assert_eq!(empty.expect("finish"), LZ4_LEGACY_MAGIC);
+    }
+
+    /// The reference decoder agrees (skipped without the `lz4` command).
+    #[test]
+    fn lz4_command_reads_what_the_writer_wrote() {
+        let data = sample();
+        let frame = legacy_frame(&data, false);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("x.lz4");
+        fs::write(&path, &frame).expect("write");
+        let out = match Command::new("lz4").arg("-dc").arg(&path).output() {
+            Ok(out) => out,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                eprintln!("skipped: no lz4 command");
+                return;
+            }
+            Err(e) => panic!("lz4 -dc: {e}"),
+        };
+        assert!(out.status.success(), "lz4 -dc: {}", tail(&out.stderr));
+        assert!(out.stdout == data, "lz4 -dc gave other bytes");
     }
 
     #[test]
@@ -627,7 +765,7 @@ mod tests {
         bz[0x206] = 0x0f;
         bz[0x207] = 0x02;
         bz[0x1f1] = 1; // protected-mode code at 1024
-        let frame = legacy_frame(&[b"\x7fELF-ish kernel image"], true);
+        let frame = legacy_frame(b"\x7fELF-ish kernel image", true);
         bz[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
         bz[0x24c..0x250].copy_from_slice(&(frame.len() as u32).to_le_bytes());
         bz[1024 + 16..1024 + 16 + frame.len()].copy_from_slice(&frame);

@@ -534,7 +534,7 @@ fn build_here(
                 initramfs_record,
                 &initramfs_path,
                 &keys.initramfs,
-                "cpio-newc",
+                initramfs::FORMAT,
             )?,
             rootfs: artifact(rootfs_record, &rootfs_path, &keys.rootfs, "ext4")?,
         },

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const VMLINUX: &str = "vmlinux";
-pub const INITRAMFS: &str = "initramfs.cpio";
+/// lz4-compressed since `initramfs::LAYOUT` v2. A format-2 image from before names
+/// `initramfs.cpio` (uncompressed) in its manifest: it still opens, and the next build
+/// remakes only that artifact, as its input hash no longer matches.
+pub const INITRAMFS: &str = "initramfs.cpio.lz4";
 pub const ROOTFS: &str = "rootfs.ext4";
 /// The version of this layout; readers refuse other values. 2: an input hash per
 /// artifact (1 had one for the whole image).
@@ -80,7 +83,9 @@ pub struct Artifact {
     /// SHA-256 of the file.
     pub sha256: String,
     pub size: u64,
-    /// `elf` (vmlinux), `cpio-newc` (uncompressed initramfs), `ext4` (rootfs).
+    /// `elf` (vmlinux), `cpio-newc-lz4` (the initramfs: a newc cpio in a legacy lz4
+    /// frame; `cpio-newc`, uncompressed, before `initramfs::LAYOUT` v2), `ext4`
+    /// (rootfs).
     pub format: String,
 }
 

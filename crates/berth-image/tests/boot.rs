@@ -138,14 +138,15 @@ fn image_boots_under_qemu_and_rebuild_is_a_no_op() {
     assert!(!first.cached);
     let image = first.image;
     let m = &image.manifest;
-    assert_eq!(m.artifacts.initramfs.path, "initramfs.cpio");
+    assert_eq!(m.artifacts.initramfs.path, "initramfs.cpio.lz4");
+    assert_eq!(m.artifacts.initramfs.format, "cpio-newc-lz4");
     assert_eq!(m.source.excluded, ["/mnt/other"]);
     assert!(m
         .init
         .libraries
         .iter()
         .any(|l| l == Path::new("/lib64/ld-linux-x86-64.so.2")));
-    let listing = cpio_list(&image.initramfs);
+    let listing = cpio_list(&image.initramfs, tmp.path());
     for want in [
         "init",
         "dev/console",
@@ -220,10 +221,18 @@ fn image_boots_under_qemu_and_rebuild_is_a_no_op() {
     fs::remove_dir_all(data_dir().join("images").join(&name)).expect("clean up");
 }
 
-fn cpio_list(path: &Path) -> Vec<String> {
+/// The names in the initramfs, by `cpio -t` on the archive out of its lz4 frame.
+fn cpio_list(initramfs: &Path, scratch: &Path) -> Vec<String> {
+    let frame = fs::read(initramfs).expect("read the initramfs");
+    let cpio = scratch.join("initramfs.cpio");
+    fs::write(
+        &cpio,
+        kernel::lz4_legacy_decompress(&frame).expect("an lz4 legacy frame"),
+    )
+    .expect("write the archive");
     let out = Command::new("cpio")
         .args(["-t", "--quiet", "-F"])
-        .arg(path)
+        .arg(&cpio)
         .output()
         .expect("run cpio -t");
     assert!(out.status.success(), "cpio -t failed");

@@ -241,6 +241,16 @@ impl Setup {
     }
 }
 
+/// The initramfs's cpio, out of its lz4 frame.
+fn cpio(image: &Image) -> Vec<u8> {
+    assert_eq!(
+        image.manifest.artifacts.initramfs.format,
+        berth_image::initramfs::FORMAT
+    );
+    let frame = fs::read(&image.initramfs).expect("read initramfs");
+    kernel::lz4_legacy_decompress(&frame).expect("an lz4 legacy frame")
+}
+
 fn ino(path: &Path) -> u64 {
     fs::metadata(path).expect("stat").ino()
 }
@@ -321,7 +331,7 @@ fn new_init_remakes_only_the_initramfs() {
         0,
         "the previous initramfs is still linked somewhere"
     );
-    let cpio = fs::read(&image.initramfs).expect("read initramfs");
+    let cpio = cpio(image);
     assert!(cpio.windows(7).any(|w| w == b"berth 2"));
     assert!(!cpio.windows(7).any(|w| w == b"berth 1"));
     let new_init_sha = berth_image::cache::sha256_file(&s.req.init).expect("hash");
@@ -372,7 +382,7 @@ fn new_kernel_remakes_kernel_and_initramfs_and_prunes_the_old_kernel() {
     assert_eq!(s.fake.mkfs_runs(), 1);
     assert_eq!(fs::read(&image.vmlinux).expect("vmlinux"), b"vmlinux 2");
     assert_eq!(image.manifest.kernel.release, "6.1.0-2-fake");
-    let cpio = fs::read(&image.initramfs).expect("read initramfs");
+    let cpio = cpio(image);
     assert!(cpio.windows(8).any(|w| w == b"module 2"));
     assert!(cpio.windows(12).any(|w| w == b"6.1.0-2-fake"));
 
@@ -463,6 +473,52 @@ fn image_of_an_older_format_is_refused_then_rebuilt() {
     assert_eq!(rebuilt.image.manifest.format, manifest::FORMAT);
     Image::open(&s.req.data_dir, "test").expect("the rebuilt image opens");
     s.assert_no_leftovers();
+}
+
+/// What berth wrote before the initramfs was compressed: the same manifest format,
+/// an uncompressed `initramfs.cpio` hashed under the previous layout.
+#[test]
+fn image_with_an_uncompressed_initramfs_remakes_only_that() {
+    let s = Setup::new(false);
+    let first = s.build().image;
+    let old = first.dir.join("initramfs.cpio");
+    fs::write(&old, cpio(&first)).expect("write the uncompressed archive");
+    fs::remove_file(&first.initramfs).expect("remove");
+    let path = first.dir.join(manifest::MANIFEST);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).expect("read")).expect("json");
+    let a = &mut json["artifacts"]["initramfs"];
+    a["path"] = "initramfs.cpio".into();
+    a["format"] = "cpio-newc".into();
+    a["size"] = fs::metadata(&old).expect("stat").len().into();
+    a["input_sha256"] = "0".repeat(64).into();
+    fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("write");
+    // It still opens (the kernel unpacks an uncompressed initramfs too) ...
+    let opened = Image::open(&s.req.data_dir, "test").expect("a format-2 image");
+    assert_eq!(opened.initramfs, old);
+    let rootfs_ino = ino(&first.rootfs);
+
+    // ... and a build remakes its initramfs, keeping the rest.
+    let rebuilt = s.build();
+    assert_eq!(
+        rebuilt.made,
+        Made {
+            vmlinux: false,
+            initramfs: true,
+            rootfs: false
+        }
+    );
+    assert_eq!(s.fake.mkfs_runs(), 1);
+    assert_eq!(ino(&rebuilt.image.rootfs), rootfs_ino);
+    let art = &rebuilt.image.manifest.artifacts.initramfs;
+    assert_eq!(art.path, manifest::INITRAMFS);
+    assert_eq!(
+        art.input_sha256,
+        first.manifest.artifacts.initramfs.input_sha256
+    );
+    assert!(cpio(&rebuilt.image).windows(7).any(|w| w == b"berth 1"));
+    s.assert_no_leftovers();
+    assert!(s.build().cached);
 }
 
 #[test]
