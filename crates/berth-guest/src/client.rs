@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -30,6 +31,10 @@ const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// Longest reply to `CONNECT <port>` we read from a hybrid-vsock daemon (`OK <port>` is
 /// at most 14 bytes).
 const MAX_HYBRID_REPLY: usize = 64;
+/// How long a hybrid-vsock daemon may take to answer `CONNECT`: it forwards the request
+/// to the guest and waits for the guest's answer, which a stuck or dying VM never
+/// gives; without a bound the dial (and every call waiting on a reconnect) would hang.
+const HYBRID_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connected guest. Cheap to clone; all clones share one HTTP/2 connection.
 pub type Guest = GuestClient<Channel>;
@@ -123,7 +128,17 @@ where
 /// of the HTTP/2 bytes behind it are consumed.
 async fn hybrid_vsock_handshake(uds: PathBuf, port: u32) -> io::Result<tokio::net::UnixStream> {
     let mut stream = tokio::net::UnixStream::connect(&uds).await?;
-    let reply = read_reply(&mut stream, port).await.map_err(|err| {
+    let reply = tokio::time::timeout(HYBRID_HANDSHAKE_TIMEOUT, read_reply(&mut stream, port))
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the vsock daemon did not answer CONNECT {port} within {HYBRID_HANDSHAKE_TIMEOUT:?}"
+                ),
+            ))
+        })
+        .map_err(|err| {
         // `vhost-device-vsock` closes a connection without a word while the guest has no
         // listener on the port (EOF), and accepts and closes at once while the VM has not
         // set up its device yet (EPIPE or ECONNRESET, whichever we hit first). Both

@@ -35,9 +35,10 @@ use crate::volume;
 const VMM_OVERHEAD: u64 = 256 << 20;
 /// Bound on threads of one VMM (vCPUs, I/O workers): a guest cannot fork on the host.
 const VMM_PIDS: u64 = 256;
-/// Smallest guest RAM accepted: below about 224 MiB the guest kernel cannot unpack a
-/// debug build's 70 MiB initramfs (it panics "deadlocked on memory" or fails to write
-/// the initramfs), so runtimes asking for less are refused up front.
+/// Smallest guest RAM accepted: the guest kernel unpacks the initramfs (a debug build's
+/// `/init` is ~87 MB) into RAM while the compressed archive is still there, then keeps
+/// `/init` resident; much below this it panics or cannot write the files, so runtimes
+/// asking for less are refused up front.
 pub const MIN_MEMORY: u64 = 256 << 20;
 
 /// How long the KVM probe may take to boot the guest (KVM boots in well under a second).
@@ -379,9 +380,13 @@ impl MicroVmDriver {
         let rt = &req.runtime;
         // `panic=-1`: a guest kernel panic reboots, which `-no-reboot` turns into the
         // VMM exiting, so the host sees it.
+        // `rootfstype=ramfs`: without `root=`, the kernel unpacks the initramfs into a
+        // tmpfs capped at half the RAM it counts free, which a debug build's /init
+        // overflows at 256 MiB ("Initramfs unpacking failed"); ramfs has no cap, and the
+        // files are freed after the switch to the real root anyway.
         let mut line = format!(
-            "console=ttyS0 panic=-1 quiet berth.hostname={} berth.workspace_path=\"{}\" \
-             berth.pids={}",
+            "console=ttyS0 panic=-1 quiet rootfstype=ramfs berth.hostname={} \
+             berth.workspace_path=\"{}\" berth.pids={}",
             crate::namespace::spec::hostname(&req.session_id),
             rt.workspace_path,
             rt.pids
@@ -692,7 +697,8 @@ impl MicroVmDriver {
             if left.is_zero() {
                 return Err(timeout());
             }
-            let Some(guest) = link.connect().await else {
+            // Bounded: a vsock handshake waits on the guest, which may never answer.
+            let Ok(Some(guest)) = tokio::time::timeout(left, link.connect()).await else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };

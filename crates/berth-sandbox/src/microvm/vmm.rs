@@ -252,7 +252,7 @@ mod tests {
     fn qemu_command_line() {
         let spec = VmSpec {
             kernel: "/d/images/x/vmlinux".into(),
-            initrd: "/d/images/x/initramfs.cpio".into(),
+            initrd: "/d/images/x/initramfs.cpio.lz4".into(),
             cmdline: "console=ttyS0 quiet".into(),
             rootfs: "/d/images/x/rootfs.ext4".into(),
             workspace: "/d/work,spaces/s.ext4".into(),
