@@ -186,8 +186,8 @@ pub struct ServerArgs {
     pub microvm_accel: AccelArg,
     /// How the server talks to a microVM's guest agent: `auto` uses vsock where the host
     /// kernel offers `/dev/vhost-vsock`, else a virtio-serial port; `vhost-user-vsock`
-    /// runs a `vhost-device-vsock` daemon per VM (`cargo install vhost-device-vsock`)
-    /// for vsock without the kernel's vhost-vsock.
+    /// (experimental) runs a `vhost-device-vsock` daemon per VM (`cargo install
+    /// vhost-device-vsock`) for vsock without the kernel's vhost-vsock.
     #[arg(long, value_enum, default_value = "auto")]
     pub microvm_channel: ChannelArg,
     /// The `vhost-device-vsock` binary for `--microvm-channel vhost-user-vsock`
