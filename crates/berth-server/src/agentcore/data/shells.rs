@@ -43,10 +43,10 @@ use tokio::sync::oneshot;
 
 use super::agent::AGENT_SHELL;
 use super::sessions::ws_session_id;
-use super::{address, set_header, SESSION_HEADER};
+use super::{set_header, SESSION_HEADER};
 use crate::agentcore::auth::BEARER_SUBPROTOCOL;
 use crate::agentcore::request_id::new_id;
-use crate::agentcore::{Ac, AgentCore, AwsError, ErrorShape, PathParams, Query};
+use crate::agentcore::{Ac, AgentCore, AwsError, PathParams, Query};
 use crate::shells::pump::{self, Dialect};
 
 /// `X-Amzn-Bedrock-AgentCore-Shell-Id`, on the 101.
@@ -258,17 +258,7 @@ pub(crate) async fn shell(
     };
     let result = async {
         let shell_id = shell_id(&query)?;
-        let addr = address::parse(ac.config(), &segment, &query)?;
-        let ws = ws.map_err(|rej| {
-            AwsError::new(
-                ErrorShape::Validation,
-                format!("this operation upgrades to a WebSocket: {rej}"),
-            )
-        })?;
-        let target = ac
-            .resolve(&addr.runtime_id, addr.qualifier.as_deref())
-            .await?;
-        let s = ac.open_session(target, &sid).await?;
+        let (ws, s) = super::ws::upgrade_session(&ac, &segment, &query, &sid, ws).await?;
         let (attachment, reconnected) = ac.shell_attachment(&s.native, &shell_id).await?;
         tracing::info!(session = %s.native, shell = %shell_id, reconnected,
             "agentcore: shell client attached");

@@ -21,6 +21,7 @@
 //! the agent, 1011 towards the client). The tunnel keeps the session busy while the
 //! connection lasts.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::ws::{
@@ -157,6 +158,28 @@ impl AgentCore {
     }
 }
 
+/// What both WebSocket routes (`/ws`, `/ws/shells`) do first: address the runtime,
+/// insist on an upgrade, and open (resume or start) the runtime session `sid`.
+pub(super) async fn upgrade_session(
+    ac: &AgentCore,
+    segment: &str,
+    query: &HashMap<String, String>,
+    sid: &str,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<(WebSocketUpgrade, RuntimeSession), AwsError> {
+    let addr = address::parse(ac.config(), segment, query)?;
+    let ws = ws.map_err(|rej| {
+        AwsError::new(
+            ErrorShape::Validation,
+            format!("this operation upgrades to a WebSocket: {rej}"),
+        )
+    })?;
+    let target = ac
+        .resolve(&addr.runtime_id, addr.qualifier.as_deref())
+        .await?;
+    Ok((ws, ac.open_session(target, sid).await?))
+}
+
 /// `GET /runtimes/{runtime}/ws[?qualifier=…]`.
 pub(crate) async fn agent_ws(
     Ac(ac): Ac,
@@ -172,17 +195,7 @@ pub(crate) async fn agent_ws(
     };
     let rid = request_id.map_or_else(new_id, |Extension(RequestId(id))| id);
     let result = async {
-        let addr = address::parse(ac.config(), &segment, &query)?;
-        let ws = ws.map_err(|rej| {
-            AwsError::new(
-                ErrorShape::Validation,
-                format!("this operation upgrades to a WebSocket: {rej}"),
-            )
-        })?;
-        let target = ac
-            .resolve(&addr.runtime_id, addr.qualifier.as_deref())
-            .await?;
-        let s = ac.open_session(target, &sid).await?;
+        let (ws, s) = upgrade_session(&ac, &segment, &query, &sid, ws).await?;
         let (sid, rid) = (sid.clone(), rid.clone());
         Ok::<_, AwsError>(ws.on_upgrade(move |client| async move {
             serve(client, ac, s, headers, sid, rid).await;
